@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+import numpy as np
+from PIL import Image
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.models.detection.image_list import ImageList
 from torchvision.transforms import v2
 
@@ -302,9 +303,11 @@ class CocoDetection(torch.utils.data.Dataset):
         file = self.image_dir / record["file_name"]
         where = f"{self.ann_file}: {_describe('images', row, record)}"
         try:
-            image = decode_image(str(file), mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError, ValueError) as e:
+            with Image.open(file) as im:
+                pixels = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError on broken PNGs
             raise DatasetError(f"{where}: cannot read image {file}: {e}") from None
+        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
         height, width = image.shape[-2:]
         if (width, height) != (record["width"], record["height"]):
             raise DatasetError(
