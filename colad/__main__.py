@@ -37,19 +37,28 @@ def _add_synth_options(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, field.name)
         flag = "--" + field.name.replace("_", "-")
         if isinstance(default, tuple):
-            parser.add_argument(flag, nargs=2, type=type(default[0]), metavar=("LOW", "HIGH"),
-                                help=f"(default in the quick preset: {default[0]} {default[1]})")
+            parser.add_argument(
+                flag,
+                nargs=2,
+                type=type(default[0]),
+                metavar=("LOW", "HIGH"),
+                help=f"(default in the quick preset: {default[0]} {default[1]})",
+            )
         else:
-            parser.add_argument(flag, type=type(default),
-                                help=f"(default in the quick preset: {default})")
+            parser.add_argument(
+                flag, type=type(default), help=f"(default in the quick preset: {default})"
+            )
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from . import synth
 
     cfg = synth.preset(args.profile)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg)
-                 if getattr(args, f.name) is not None}
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cfg)
+        if getattr(args, f.name) is not None
+    }
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     cfg = dataclasses.replace(cfg, **overrides)
     bench = synth.generate(cfg, root=args.root, force=args.force, workers=args.workers)
@@ -57,8 +66,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     rate = stats["images"] / max(stats["seconds"], 1e-9)
     print(f"benchmark  {bench.root}")
     print(f"images     {stats['images']} (train {cfg.num_train}, val {cfg.num_val})")
-    print(f"generated  in {stats['seconds']:.1f} s with {stats['workers']} worker(s): "
-          f"{rate:.0f} images/s")
+    print(
+        f"generated  in {stats['seconds']:.1f} s with {stats['workers']} worker(s): "
+        f"{rate:.0f} images/s"
+    )
     print(f"on disk    {stats['bytes'] / 2**20:.1f} MiB")
     for split in ("train", "val"):
         print(f"{split:5s}      {bench.ann_file(split)}")
@@ -81,47 +92,71 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"warning: {w.message}")
     num_boxes = sum(len(b) for b in index.boxes)
     empty = sum(1 for b in index.boxes if len(b) == 0)
-    print(f"{args.ann_file}: {len(index.images)} images ({empty} without objects), "
-          f"{num_boxes} usable boxes, {index.num_classes} categories; "
-          f"crowd annotations dropped: {index.repairs['crowd']}")
+    print(
+        f"{args.ann_file}: {len(index.images)} images ({empty} without objects), "
+        f"{num_boxes} usable boxes, {index.num_classes} categories; "
+        f"crowd annotations dropped: {index.repairs['crowd']}"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m colad", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m colad",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = commands.add_parser("data", help="generate or check datasets",
-                               description="Generate the benchmark or check a COCO file.")
+    data = commands.add_parser(
+        "data",
+        help="generate or check datasets",
+        description="Generate the benchmark or check a COCO file.",
+    )
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
     synth = data_commands.add_parser(
-        "synth", help="write the generated benchmark",
+        "synth",
+        help="write the generated benchmark",
         description="Write the generated shapes benchmark (deterministic; cached under "
-                    "<data root>/synth/<name>-<hash>, the hash covering the parameters and the "
-                    "generator's source). Options override the profile's preset.")
-    synth.add_argument("--profile", choices=("smoke", "quick"),
-                       default=config.profile_from_env() if config.profile_from_env() != "full"
-                       else "quick",
-                       help="preset to start from (default: $COLAD_PROFILE, else quick)")
-    synth.add_argument("--root", type=Path, default=None,
-                       help="parent folder (default: <data root>/synth; $COLAD_DATA moves the "
-                            "data root)")
+        "<data root>/synth/<name>-<hash>, the hash covering the parameters and the "
+        "generator's source). Options override the profile's preset.",
+    )
+    synth.add_argument(
+        "--profile",
+        choices=("smoke", "quick"),
+        default=config.profile_from_env() if config.profile_from_env() != "full" else "quick",
+        help="preset to start from (default: $COLAD_PROFILE, else quick)",
+    )
+    synth.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="parent folder (default: <data root>/synth; $COLAD_DATA moves the data root)",
+    )
     synth.add_argument("--force", action="store_true", help="regenerate even if cached")
-    synth.add_argument("--workers", type=int, default=None,
-                       help="drawing processes (default: up to 4, one per core)")
+    synth.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="drawing processes (default: up to 4, one per core)",
+    )
     _add_synth_options(synth)
     synth.set_defaults(run=_cmd_synth)
 
     check = data_commands.add_parser(
-        "check", help="check a COCO annotation file",
+        "check",
+        help="check a COCO annotation file",
         description="Check a COCO-format detection json: structure, ids, boxes (repairs are "
-                    "reported as warnings), and with --images that every image file exists.")
+        "reported as warnings), and with --images that every image file exists.",
+    )
     check.add_argument("ann_file", type=Path, help="the annotation json")
     check.add_argument("--images", type=Path, default=None, help="the image folder")
-    check.add_argument("--read-images", action="store_true",
-                       help="also decode every image and check its size (slow on COCO)")
+    check.add_argument(
+        "--read-images",
+        action="store_true",
+        help="also decode every image and check its size (slow on COCO)",
+    )
     check.set_defaults(run=_cmd_check)
     return parser
 

@@ -25,10 +25,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torch import Tensor
 import numpy as np
+import torch
 from PIL import Image
+from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.models.detection.image_list import ImageList
 from torchvision.transforms import v2
@@ -45,6 +45,8 @@ __all__ = [
     "collate",
     "IMAGE_MEAN",
     "IMAGE_STD",
+    "SplitPaths",
+    "split_paths",
 ]
 
 #: RGB normalisation of ALGORITHMS.md §1.4, on the 0-1 scale.
@@ -144,14 +146,23 @@ def read_coco_json(path: str | Path) -> dict:
         need("annotations", i, ann, "id", is_id, "an integer")
         need("annotations", i, ann, "image_id", is_id, "an integer")
         need("annotations", i, ann, "category_id", is_id, "an integer")
-        need("annotations", i, ann, "bbox",
-             lambda v: isinstance(v, list) and len(v) == 4 and all(map(_is_number, v)),
-             "a list of 4 finite numbers [x, y, width, height]")
+        need(
+            "annotations",
+            i,
+            ann,
+            "bbox",
+            lambda v: isinstance(v, list) and len(v) == 4 and all(map(_is_number, v)),
+            "a list of 4 finite numbers [x, y, width, height]",
+        )
         if ann["image_id"] not in image_ids:
             fail("annotations", i, ann, f"field 'image_id': unknown image id {ann['image_id']}")
         if ann["category_id"] not in category_ids:
-            fail("annotations", i, ann,
-                 f"field 'category_id': unknown category id {ann['category_id']}")
+            fail(
+                "annotations",
+                i,
+                ann,
+                f"field 'category_id': unknown category id {ann['category_id']}",
+            )
     return data
 
 
@@ -234,10 +245,52 @@ def index_coco(data: dict, path: str | Path) -> CocoIndex:
                 DatasetWarning,
                 stacklevel=3,
             )
-    boxes = [torch.tensor([b for b, _ in objs], dtype=torch.float32).reshape(-1, 4)
-             for objs in per_image]
+    boxes = [
+        torch.tensor([b for b, _ in objs], dtype=torch.float32).reshape(-1, 4) for objs in per_image
+    ]
     labels = [torch.tensor([lab for _, lab in objs], dtype=torch.int64) for objs in per_image]
     return CocoIndex(path, list(data["images"]), boxes, labels, category_ids, names, repairs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a profile's data lives
+
+
+@dataclass(frozen=True)
+class SplitPaths:
+    """One split of a dataset: its annotation file, its image folder, and what it is."""
+
+    ann_file: Path
+    image_dir: Path
+    source: str
+
+
+def split_paths(profile: str, split: str = "val") -> SplitPaths:
+    """Return the data of ``profile``'s ``split``, generating the benchmark when needed.
+
+    ``smoke`` and ``quick`` use their generated benchmark. ``full`` uses COCO 2017 under
+    :func:`colad.config.coco_root` when it is there; without it, the quick benchmark stands in
+    and ``source`` says so.
+    """
+    from . import config, synth
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r}; choose 'train' or 'val'")
+    if profile == "full":
+        coco = config.coco_root()
+        ann_file = coco / "annotations" / f"instances_{split}2017.json"
+        if ann_file.is_file():
+            return SplitPaths(ann_file, coco / f"{split}2017", f"COCO 2017 {split}")
+        bench = synth.generate(synth.preset("quick"))
+        return SplitPaths(
+            bench.ann_file(split),
+            bench.image_dir(split),
+            f"generated benchmark (quick) {split}: no COCO 2017 at {ann_file}",
+        )
+    bench = synth.generate(synth.preset(profile))
+    return SplitPaths(
+        bench.ann_file(split), bench.image_dir(split), f"generated benchmark ({profile}) {split}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,8 +316,14 @@ class CocoDetection(torch.utils.data.Dataset):
         >>> image, target = ds[0]  # doctest: +SKIP
     """
 
-    def __init__(self, ann_file: str | Path, image_dir: str | Path,
-                 transforms: Callable | None = None, *, drop_empty: bool = False) -> None:
+    def __init__(
+        self,
+        ann_file: str | Path,
+        image_dir: str | Path,
+        transforms: Callable | None = None,
+        *,
+        drop_empty: bool = False,
+    ) -> None:
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         self.transforms = transforms
@@ -322,8 +381,9 @@ class CocoDetection(torch.utils.data.Dataset):
         image = tv_tensors.Image(self.read_image(i))
         size = (int(record["height"]), int(record["width"]))
         target = {
-            "boxes": tv_tensors.BoundingBoxes(self.index.boxes[row].clone(), format="XYXY",
-                                              canvas_size=size),
+            "boxes": tv_tensors.BoundingBoxes(
+                self.index.boxes[row].clone(), format="XYXY", canvas_size=size
+            ),
             "labels": self.index.labels[row].clone(),
             "image_id": torch.tensor(record["id"], dtype=torch.int64),
             "orig_size": torch.tensor(size, dtype=torch.int64),
@@ -350,27 +410,32 @@ def _resize(min_size: int, max_size: int) -> v2.Resize:
     return v2.Resize(min_size, max_size=max_size, antialias=True)
 
 
-def train_transforms(min_size: int = 800, max_size: int = 1333, *,
-                     hflip: float = 0.5) -> v2.Compose:
+def train_transforms(
+    min_size: int = 800, max_size: int = 1333, *, hflip: float = 0.5
+) -> v2.Compose:
     """Training transforms: keep-ratio resize, horizontal flip, float conversion, normalisation.
 
     Defaults are the COCO settings of ALGORITHMS.md §1.4; profiles pass smaller sizes.
     """
-    return v2.Compose([
-        _resize(min_size, max_size),
-        v2.RandomHorizontalFlip(hflip),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGE_MEAN, IMAGE_STD),
-    ])
+    return v2.Compose(
+        [
+            _resize(min_size, max_size),
+            v2.RandomHorizontalFlip(hflip),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGE_MEAN, IMAGE_STD),
+        ]
+    )
 
 
 def eval_transforms(min_size: int = 800, max_size: int = 1333) -> v2.Compose:
     """Evaluation transforms: the training ones without the flip."""
-    return v2.Compose([
-        _resize(min_size, max_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGE_MEAN, IMAGE_STD),
-    ])
+    return v2.Compose(
+        [
+            _resize(min_size, max_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGE_MEAN, IMAGE_STD),
+        ]
+    )
 
 
 def collate(batch: Sequence[tuple[Tensor, dict]], size_divisible: int = 32):

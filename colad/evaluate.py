@@ -36,8 +36,20 @@ __all__ = [
 ]
 
 #: The keys of :func:`coco_evaluate`, in pycocotools' ``stats`` order.
-METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl",
-               "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+METRIC_KEYS = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
 
 
 def _quiet_coco(dataset: dict) -> COCO:
@@ -104,17 +116,27 @@ def load_detections(detections: str | Path | Sequence[dict], gt: COCO) -> list[d
         if det["image_id"] not in image_ids:
             raise DatasetError(f"{where}: image_id {det['image_id']!r} is not in the ground truth")
         if det["category_id"] not in category_ids:
-            raise DatasetError(f"{where}: category_id {det['category_id']!r} is not in the "
-                               "ground truth")
+            raise DatasetError(
+                f"{where}: category_id {det['category_id']!r} is not in the ground truth"
+            )
         x, y, w, h = (float(v) for v in box)
-        checked.append({"id": i + 1, "image_id": det["image_id"],
-                        "category_id": det["category_id"], "bbox": [x, y, w, h],
-                        "score": float(det["score"]), "area": w * h, "iscrowd": 0})
+        checked.append(
+            {
+                "id": i + 1,
+                "image_id": det["image_id"],
+                "category_id": det["category_id"],
+                "bbox": [x, y, w, h],
+                "score": float(det["score"]),
+                "area": w * h,
+                "iscrowd": 0,
+            }
+        )
     return checked
 
 
-def coco_evaluate(gt: str | Path | COCO, detections: str | Path | Sequence[dict]
-                  ) -> dict[str, float]:
+def coco_evaluate(
+    gt: str | Path | COCO, detections: str | Path | Sequence[dict]
+) -> dict[str, float]:
     """Evaluate box detections with pycocotools, without its printing.
 
     Args:
@@ -133,20 +155,29 @@ def coco_evaluate(gt: str | Path | COCO, detections: str | Path | Sequence[dict]
     """
     gt = load_ground_truth(gt)
     results = load_detections(detections, gt)
-    dt = _quiet_coco({"images": gt.dataset["images"], "categories": gt.dataset["categories"],
-                      "annotations": results})
+    dt = _quiet_coco(
+        {
+            "images": gt.dataset["images"],
+            "categories": gt.dataset["categories"],
+            "annotations": results,
+        }
+    )
     evaluator = COCOeval(gt, dt, iouType="bbox")
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {k: (float(v) if v >= 0 else math.nan)
-            for k, v in zip(METRIC_KEYS, evaluator.stats, strict=True)}
+    return {
+        k: (float(v) if v >= 0 else math.nan)
+        for k, v in zip(METRIC_KEYS, evaluator.stats, strict=True)
+    }
 
 
-def detections_to_coco(detections: Sequence[dict[str, torch.Tensor]],
-                       targets: Sequence[dict[str, torch.Tensor]],
-                       category_ids: Sequence[int]) -> list[dict]:
+def detections_to_coco(
+    detections: Sequence[dict[str, torch.Tensor]],
+    targets: Sequence[dict[str, torch.Tensor]],
+    category_ids: Sequence[int],
+) -> list[dict]:
     """Convert per-image detections to COCO result dicts in original image coordinates.
 
     Args:
@@ -169,10 +200,17 @@ def detections_to_coco(detections: Sequence[dict[str, torch.Tensor]],
         boxes = det["boxes"].detach().float().cpu() * scale
         boxes[:, 2:] -= boxes[:, :2]
         image_id = int(target["image_id"])
-        for box, score, label in zip(boxes.tolist(), det["scores"].tolist(),
-                                     det["labels"].tolist(), strict=True):
-            results.append({"image_id": image_id, "category_id": int(category_ids[label]),
-                            "bbox": [round(v, 2) for v in box], "score": round(score, 5)})
+        for box, score, label in zip(
+            boxes.tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True
+        ):
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": int(category_ids[label]),
+                    "bbox": [round(v, 2) for v in box],
+                    "score": round(score, 5),
+                }
+            )
     return results
 
 
@@ -190,8 +228,9 @@ def write_detections(results: Sequence[dict], path: str | Path) -> Path:
 HANDMADE_KINDS = ("perfect", "jittered", "missing", "duplicated", "wrong_class", "background")
 
 
-def handmade_detections(gt: str | Path | COCO, kind: str, *, seed: int = 0,
-                        fraction: float = 0.3) -> list[dict]:
+def handmade_detections(
+    gt: str | Path | COCO, kind: str, *, seed: int = 0, fraction: float = 0.3
+) -> list[dict]:
     """Make detections from the ground truth that are wrong in one controlled way.
 
     * ``perfect``: every ground-truth box, score 1.
@@ -216,8 +255,12 @@ def handmade_detections(gt: str | Path | COCO, kind: str, *, seed: int = 0,
     out = []
     for ann in anns:
         x, y, w, h = (float(v) for v in ann["bbox"])
-        det = {"image_id": ann["image_id"], "category_id": ann["category_id"],
-               "bbox": [x, y, w, h], "score": 1.0 if kind == "perfect" else rng.uniform(0.5, 1)}
+        det = {
+            "image_id": ann["image_id"],
+            "category_id": ann["category_id"],
+            "bbox": [x, y, w, h],
+            "score": 1.0 if kind == "perfect" else rng.uniform(0.5, 1),
+        }
         chosen = rng.uniform() < fraction
         if kind == "missing" and chosen:
             continue
@@ -262,8 +305,13 @@ def _background_boxes(gt: COCO, anns: list[dict], rng, fraction: float) -> list[
                 ny = rng.uniform(0, max(image["height"] - h, 1))
                 candidate = torch.tensor([[nx, ny, nx + w, ny + h]], dtype=torch.float32)
                 if box_iou(candidate, objects).max() < 0.1:
-                    out.append({"image_id": image["id"],
-                                "category_id": int(rng.choice(category_ids)),
-                                "bbox": [nx, ny, w, h], "score": rng.uniform(0.3, 0.6)})
+                    out.append(
+                        {
+                            "image_id": image["id"],
+                            "category_id": int(rng.choice(category_ids)),
+                            "bbox": [nx, ny, w, h],
+                            "score": rng.uniform(0.3, 0.6),
+                        }
+                    )
                     break
     return out

@@ -84,8 +84,15 @@ class SynthConfig:
     noise_std: float = 4.0  # Gaussian pixel noise, in 0-255 units
 
     def __post_init__(self) -> None:
-        for field in ("image_size", "objects_per_image", "object_size", "aspect_ratio",
-                      "bar_aspect_ratio", "distractors_per_image", "clutter_lines"):
+        for field in (
+            "image_size",
+            "objects_per_image",
+            "object_size",
+            "aspect_ratio",
+            "bar_aspect_ratio",
+            "distractors_per_image",
+            "clutter_lines",
+        ):
             low, high = getattr(self, field)
             if low > high or low < 0:
                 raise ValueError(f"SynthConfig.{field}={(low, high)}: need 0 <= low <= high")
@@ -111,8 +118,14 @@ def preset(profile: str) -> SynthConfig:
     ``full`` trains on COCO; asking for its generated benchmark is an error.
     """
     if profile == "smoke":
-        return SynthConfig(name="shapes-smoke", num_train=48, num_val=16, image_size=(96, 128),
-                           object_size=(8.0, 64.0), objects_per_image=(1, 6))
+        return SynthConfig(
+            name="shapes-smoke",
+            num_train=48,
+            num_val=16,
+            image_size=(96, 128),
+            object_size=(8.0, 64.0),
+            objects_per_image=(1, 6),
+        )
     if profile == "quick":
         return SynthConfig()
     if profile == "full":
@@ -315,13 +328,17 @@ def render_image(cfg: SynthConfig, split: str, index: int):
                 continue
             covered = owner[window[0]][mask]
             hidden = np.bincount(covered[covered >= 0], minlength=len(kept))
-            if all(visible[j] - hidden[j] >= cfg.min_visible * full_area[j]
-                   for j in range(len(kept))):
+            if all(
+                visible[j] - hidden[j] >= cfg.min_visible * full_area[j] for j in range(len(kept))
+            ):
                 break
         else:
             continue  # no placement found: leave this object out
-        color = _rgb(hue + rng.uniform(-cfg.hue_jitter, cfg.hue_jitter),
-                     rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0))
+        color = _rgb(
+            hue + rng.uniform(-cfg.hue_jitter, cfg.hue_jitter),
+            rng.uniform(0.55, 1.0),
+            rng.uniform(0.6, 1.0),
+        )
         pixels = _texture(texture, w, h, color, rng)[window[1]]
         canvas[window[0]][mask] = np.clip(pixels[mask], 0, 255).astype(np.uint8)
         owner_window = owner[window[0]]
@@ -342,8 +359,14 @@ def render_image(cfg: SynthConfig, split: str, index: int):
         ys, xs = np.nonzero(mask[window])
         x0, y0 = int(xs.min()) + window[1].start, int(ys.min()) + window[0].start
         x1, y1 = int(xs.max()) + window[1].start, int(ys.max()) + window[0].start
-        objects.append({"category_id": label + 1, "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1],
-                        "area": int(mask.sum()), "mask": mask})
+        objects.append(
+            {
+                "category_id": label + 1,
+                "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1],
+                "area": int(mask.sum()),
+                "mask": mask,
+            }
+        )
     return canvas, objects, num_distractors
 
 
@@ -357,15 +380,26 @@ def _render_and_save(job: tuple[SynthConfig, str, int, str]) -> tuple[dict, list
     file_name = f"{index:06d}.png"
     Image.fromarray(pixels).save(os.path.join(folder, file_name), optimize=False)
     h, w = pixels.shape[:2]
-    image = {"id": index + 1, "file_name": file_name, "width": w, "height": h,
-             "num_distractors": num_distractors}
+    image = {
+        "id": index + 1,
+        "file_name": file_name,
+        "width": w,
+        "height": h,
+        "num_distractors": num_distractors,
+    }
     annotations = []
     for obj in objects:
         rle = mask_utils.encode(np.asfortranarray(obj["mask"].astype(np.uint8)))
-        annotations.append({"image_id": index + 1, "category_id": obj["category_id"],
-                            "bbox": obj["bbox"], "area": obj["area"], "iscrowd": 0,
-                            "segmentation": {"size": rle["size"],
-                                             "counts": rle["counts"].decode("ascii")}})
+        annotations.append(
+            {
+                "image_id": index + 1,
+                "category_id": obj["category_id"],
+                "bbox": obj["bbox"],
+                "area": obj["area"],
+                "iscrowd": 0,
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+            }
+        )
     return image, annotations
 
 
@@ -385,17 +419,32 @@ def _coco_json(cfg: SynthConfig, split: str, records) -> dict:
         images.append(image)
         for ann in anns:
             annotations.append({"id": len(annotations) + 1, **ann})
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"}
-                  for i, name in enumerate(CLASSES)]
-    info = {"description": "colad generated shapes benchmark", "split": split,
-            "params": dataclasses.asdict(cfg), "key": cfg.key()}
-    return {"info": info, "licenses": [], "images": images, "annotations": annotations,
-            "categories": categories}
+    categories = [
+        {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)
+    ]
+    info = {
+        "description": "colad generated shapes benchmark",
+        "split": split,
+        "params": dataclasses.asdict(cfg),
+        "key": cfg.key(),
+    }
+    return {
+        "info": info,
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
 
 
-def generate(cfg: SynthConfig | None = None, *, root: str | Path | None = None,
-             force: bool = False, workers: int | None = None,
-             progress: bool = True) -> Benchmark:
+def generate(
+    cfg: SynthConfig | None = None,
+    *,
+    root: str | Path | None = None,
+    force: bool = False,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Benchmark:
     """Write the benchmark (or find it already written) and return where it is.
 
     Args:
@@ -428,8 +477,16 @@ def generate(cfg: SynthConfig | None = None, *, root: str | Path | None = None,
         (staging / split).mkdir()
         count = cfg.num_train if split == "train" else cfg.num_val
         records = _iter_split(cfg, split, staging / split, workers)
-        records = list(tqdm(records, total=count, desc=f"{bench.root.name} {split}",
-                            unit="img", disable=not progress, leave=False))
+        records = list(
+            tqdm(
+                records,
+                total=count,
+                desc=f"{bench.root.name} {split}",
+                unit="img",
+                disable=not progress,
+                leave=False,
+            )
+        )
         with open(staging / "annotations" / f"instances_{split}.json", "w") as f:
             json.dump(_coco_json(cfg, split, records), f, separators=(",", ":"))
         total += count

@@ -42,8 +42,13 @@ def _mean_ap(ap_data) -> float:
     return sum(aps) / len(aps) if aps else 100.0
 
 
-def tide_errors(gt: str | Path | COCO, detections: str | Path | Sequence[dict],
-                *, pos_threshold: float = 0.5, background_threshold: float = 0.1) -> dict:
+def tide_errors(
+    gt: str | Path | COCO,
+    detections: str | Path | Sequence[dict],
+    *,
+    pos_threshold: float = 0.5,
+    background_threshold: float = 0.1,
+) -> dict:
     """Break the AP a detector loses down by error type, with tidecv.
 
     Args:
@@ -87,8 +92,11 @@ def tide_errors(gt: str | Path | COCO, detections: str | Path | Sequence[dict],
     for det in results:
         preds.add_detection(det["image_id"], det["category_id"], det["score"], det["bbox"])
 
-    zeros = {"AP50": 0.0, "main": dict.fromkeys(MAIN_ERRORS, 0.0),
-             "special": dict.fromkeys(SPECIAL_ERRORS, 0.0)}
+    zeros = {
+        "AP50": 0.0,
+        "main": dict.fromkeys(MAIN_ERRORS, 0.0),
+        "special": dict.fromkeys(SPECIAL_ERRORS, 0.0),
+    }
     if num_objects == 0:
         return zeros
 
@@ -102,11 +110,13 @@ def tide_errors(gt: str | Path | COCO, detections: str | Path | Sequence[dict],
         fixed = run.fix_errors(lambda e, t=error_type: isinstance(e, t))
         main[error_type.short_name] = max(_mean_ap(fixed) - ap, 0.0)
     special = {
-        FalsePositiveError.short_name:
-            _mean_ap(run.fix_errors(transform=FalsePositiveError.fix)) - ap,
-        FalseNegativeError.short_name:
-            _mean_ap(run.fix_errors(false_neg_dict=run.false_negatives)) - ap,
+        FalsePositiveError.short_name: _mean_ap(run.fix_errors(transform=FalsePositiveError.fix))
+        - ap,
+        FalseNegativeError.short_name: _mean_ap(run.fix_errors(false_neg_dict=run.false_negatives))
+        - ap,
     }
-    return {"AP50": float(ap),
-            "main": {k: float(main[k]) for k in MAIN_ERRORS},
-            "special": {k: float(special[k]) for k in SPECIAL_ERRORS}}
+    return {
+        "AP50": float(ap),
+        "main": {k: float(main[k]) for k in MAIN_ERRORS},
+        "special": {k: float(special[k]) for k in SPECIAL_ERRORS},
+    }

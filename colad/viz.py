@@ -17,8 +17,15 @@ from torch import Tensor
 
 from .data import IMAGE_MEAN, IMAGE_STD
 
-__all__ = ["ROLE_COLORS", "use_book_style", "to_display", "draw_boxes", "show_samples",
-           "plot_tide"]
+__all__ = [
+    "ROLE_COLORS",
+    "use_book_style",
+    "to_display",
+    "draw_boxes",
+    "show_samples",
+    "plot_object_sizes",
+    "plot_tide",
+]
 
 #: One colour per role, used by every figure of the book.
 ROLE_COLORS = {
@@ -33,17 +40,19 @@ _CLASS_COLORS = plt.get_cmap("tab10").colors
 
 def use_book_style() -> None:
     """Set the book's figure size, font sizes and resolution (global, for chapters only)."""
-    mpl.rcParams.update({
-        "figure.figsize": (4.0, 3.0),
-        "figure.dpi": 110,
-        "savefig.dpi": 110,
-        "font.size": 9,
-        "axes.titlesize": 10,
-        "axes.labelsize": 9,
-        "legend.fontsize": 8,
-        "axes.spines.top": False,
-        "axes.spines.right": False,
-    })
+    mpl.rcParams.update(
+        {
+            "figure.figsize": (4.0, 3.0),
+            "figure.dpi": 110,
+            "savefig.dpi": 110,
+            "font.size": 9,
+            "axes.titlesize": 10,
+            "axes.labelsize": 9,
+            "legend.fontsize": 8,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+        }
+    )
 
 
 def to_display(image: Tensor | np.ndarray) -> np.ndarray:
@@ -60,9 +69,17 @@ def to_display(image: Tensor | np.ndarray) -> np.ndarray:
     return image.permute(1, 2, 0).numpy()
 
 
-def draw_boxes(ax, boxes: Tensor | np.ndarray, labels: Sequence[int] | Tensor | None = None, *,
-               names: Sequence[str] | None = None, scores: Sequence[float] | None = None,
-               color: str | None = None, linestyle: str = "-", linewidth: float = 1.2) -> None:
+def draw_boxes(
+    ax,
+    boxes: Tensor | np.ndarray,
+    labels: Sequence[int] | Tensor | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    scores: Sequence[float] | None = None,
+    color: str | None = None,
+    linestyle: str = "-",
+    linewidth: float = 1.2,
+) -> None:
     """Draw xyxy ``boxes`` on ``ax``, with a class name (and score) tag on each.
 
     Boxes are coloured by class unless ``color`` is given.
@@ -72,19 +89,33 @@ def draw_boxes(ax, boxes: Tensor | np.ndarray, labels: Sequence[int] | Tensor | 
     for k, (x1, y1, x2, y2) in enumerate(boxes):
         label = labels[k] if k < len(labels) else None
         edge = color or (_CLASS_COLORS[label % 10] if label is not None else ROLE_COLORS["gt"])
-        ax.add_patch(mpl.patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
-                                           edgecolor=edge, linewidth=linewidth,
-                                           linestyle=linestyle))
+        ax.add_patch(
+            mpl.patches.Rectangle(
+                (x1, y1),
+                x2 - x1,
+                y2 - y1,
+                fill=False,
+                edgecolor=edge,
+                linewidth=linewidth,
+                linestyle=linestyle,
+            )
+        )
         tag = names[label] if (names is not None and label is not None) else None
         if scores is not None:
             tag = f"{tag or ''} {float(scores[k]):.2f}".strip()
         if tag:
-            ax.text(x1, y1, tag, fontsize=6, color="white", va="bottom",
-                    bbox={"facecolor": edge, "edgecolor": "none", "pad": 0.5, "alpha": 0.8})
+            ax.text(
+                x1,
+                y1,
+                tag,
+                fontsize=6,
+                color="white",
+                va="bottom",
+                bbox={"facecolor": edge, "edgecolor": "none", "pad": 0.5, "alpha": 0.8},
+            )
 
 
-def show_samples(dataset, indices: Sequence[int] = range(6), *, ncols: int = 3,
-                 size: float = 2.2):
+def show_samples(dataset, indices: Sequence[int] = range(6), *, ncols: int = 3, size: float = 2.2):
     """Show items of a :class:`colad.data.CocoDetection` with their ground-truth boxes.
 
     Returns:
@@ -99,9 +130,45 @@ def show_samples(dataset, indices: Sequence[int] = range(6), *, ncols: int = 3,
         image, target = dataset[i]
         ax.imshow(to_display(image))
         draw_boxes(ax, target["boxes"], target["labels"], names=dataset.names)
-        ax.set_title(f"image {int(target['image_id'])}: {len(target['boxes'])} objects",
-                     fontsize=8)
+        ax.set_title(f"image {int(target['image_id'])}: {len(target['boxes'])} objects", fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_object_sizes(
+    boxes_per_image: Sequence[Tensor],
+    names: Sequence[str] | None = None,
+    labels_per_image: Sequence[Tensor] | None = None,
+    *,
+    ax=None,
+):
+    """Histogram of object sizes (square root of box area, log scale), one series per class
+    when labels are given, with COCO's small/medium/large limits (32 and 96 px) marked.
+
+    Returns:
+        The ``Figure``.
+    """
+    fig, ax = plt.subplots(figsize=(5.0, 3.0)) if ax is None else (ax.figure, ax)
+    boxes = torch.cat([b.reshape(-1, 4) for b in boxes_per_image])
+    sizes = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt()
+    bins = np.geomspace(max(1.0, float(sizes.min()) * 0.9), float(sizes.max()) * 1.1, 30)
+    if labels_per_image is None:
+        ax.hist(sizes.numpy(), bins=bins, color=ROLE_COLORS["gt"])
+    else:
+        labels = torch.cat(list(labels_per_image))
+        groups = [sizes[labels == k].numpy() for k in range(int(labels.max()) + 1)]
+        ax.hist(groups, bins=bins, stacked=True, label=names, color=_CLASS_COLORS[: len(groups)])
+        ax.legend(frameon=False, fontsize=7)
+    for limit, text in ((32, "small | medium"), (96, "medium | large")):
+        if bins[0] < limit < bins[-1]:
+            ax.axvline(limit, color="k", linestyle=":", linewidth=1)
+            ax.text(limit, ax.get_ylim()[1], text, fontsize=7, ha="center", va="bottom")
+    ax.set_xscale("log")
+    ticks = [t for t in (4, 8, 16, 32, 64, 128, 256, 512) if bins[0] <= t <= bins[-1]]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(mpl.ticker.NullFormatter())
+    ax.set_xlabel("object size: sqrt(box area) in pixels")
+    ax.set_ylabel("objects")
     return fig
 
 
@@ -121,13 +188,20 @@ def plot_tide(errors: Mapping[str, Mapping], *, title: str | None = None):
         1, 2, figsize=(7.5, 2.8), gridspec_kw={"width_ratios": [len(MAIN_ERRORS), 2.6]}
     )
     width = 0.8 / max(1, len(names))
-    for panel, kinds, ax in (("main", MAIN_ERRORS, ax_main),
-                             ("special", SPECIAL_ERRORS, ax_special)):
+    for panel, kinds, ax in (
+        ("main", MAIN_ERRORS, ax_main),
+        ("special", SPECIAL_ERRORS, ax_special),
+    ):
         x = np.arange(len(kinds))
         for k, name in enumerate(names):
             values = [errors[name][panel][kind] for kind in kinds]
-            ax.bar(x + (k - (len(names) - 1) / 2) * width, values, width, label=name,
-                   color=_CLASS_COLORS[k % 10])
+            ax.bar(
+                x + (k - (len(names) - 1) / 2) * width,
+                values,
+                width,
+                label=name,
+                color=_CLASS_COLORS[k % 10],
+            )
         ax.set_xticks(x, kinds)
         ax.set_ylabel("dAP50 (AP points)")
         ax.set_title(f"{panel} errors")

@@ -15,25 +15,40 @@ from colad import synth
 @pytest.fixture(scope="session")
 def smoke_bench(tmp_path_factory) -> synth.Benchmark:
     """The smoke benchmark, generated once per test session in a temporary folder."""
-    return synth.generate(synth.preset("smoke"), root=tmp_path_factory.mktemp("synth"),
-                          progress=False)
+    return synth.generate(
+        synth.preset("smoke"), root=tmp_path_factory.mktemp("synth"), progress=False
+    )
 
 
-def write_coco(folder: Path, *, images=None, annotations=None, categories=None,
-               make_files: bool = True) -> Path:
+def write_coco(
+    folder: Path, *, images=None, annotations=None, categories=None, make_files: bool = True
+) -> Path:
     """Write a small COCO json (two 40x30 images, two categories by default) and its images."""
-    images = images if images is not None else [
-        {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
-        {"id": 2, "file_name": "b.png", "width": 40, "height": 30},
-    ]
-    annotations = annotations if annotations is not None else [
-        {"id": 1, "image_id": 1, "category_id": 7, "bbox": [2, 3, 10, 12], "iscrowd": 0},
-        {"id": 2, "image_id": 1, "category_id": 9, "bbox": [20, 5, 8, 8], "iscrowd": 0},
-        {"id": 3, "image_id": 2, "category_id": 9, "bbox": [5, 5, 20, 10], "iscrowd": 0},
-    ]
-    categories = categories if categories is not None else [
-        {"id": 7, "name": "seven"}, {"id": 9, "name": "nine"},
-    ]
+    images = (
+        images
+        if images is not None
+        else [
+            {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+            {"id": 2, "file_name": "b.png", "width": 40, "height": 30},
+        ]
+    )
+    annotations = (
+        annotations
+        if annotations is not None
+        else [
+            {"id": 1, "image_id": 1, "category_id": 7, "bbox": [2, 3, 10, 12], "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 9, "bbox": [20, 5, 8, 8], "iscrowd": 0},
+            {"id": 3, "image_id": 2, "category_id": 9, "bbox": [5, 5, 20, 10], "iscrowd": 0},
+        ]
+    )
+    categories = (
+        categories
+        if categories is not None
+        else [
+            {"id": 7, "name": "seven"},
+            {"id": 9, "name": "nine"},
+        ]
+    )
     folder.mkdir(parents=True, exist_ok=True)
     if make_files:
         rng = np.random.default_rng(0)
@@ -42,8 +57,9 @@ def write_coco(folder: Path, *, images=None, annotations=None, categories=None,
                 pixels = rng.integers(0, 255, (image["height"], image["width"], 3), np.uint8)
                 Image.fromarray(pixels).save(folder / image["file_name"])
     path = folder / "ann.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": categories}))
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     return path
 
 

@@ -38,8 +38,9 @@ def test_targets_follow_torchvision_contracts(tiny_coco):
 
 
 def test_generated_benchmark_loads(smoke_bench):
-    ds = CocoDetection(smoke_bench.ann_file("train"), smoke_bench.image_dir("train"),
-                       train_transforms(96, 128))
+    ds = CocoDetection(
+        smoke_bench.ann_file("train"), smoke_bench.image_dir("train"), train_transforms(96, 128)
+    )
     assert ds.num_classes == 6 and len(ds) == 48
     image, target = ds[5]
     assert image.dtype == torch.float32 and image.shape[0] == 3
@@ -54,8 +55,9 @@ def test_resize_keeps_the_aspect_ratio_and_moves_the_boxes(tiny_coco):
     assert tuple(image.shape[-2:]) == (52, 70)
     assert target["image_size"].tolist() == [52, 70] and target["orig_size"].tolist() == [30, 40]
     scale = torch.tensor([70 / 40, 52 / 30] * 2)
-    assert torch.allclose(target["boxes"], torch.tensor([[2., 3, 12, 15], [20, 5, 28, 13]]) * scale,
-                          atol=0.01)
+    assert torch.allclose(
+        target["boxes"], torch.tensor([[2.0, 3, 12, 15], [20, 5, 28, 13]]) * scale, atol=0.01
+    )
 
 
 def test_horizontal_flip_mirrors_the_boxes(tiny_coco):
@@ -73,13 +75,16 @@ def test_collate_pads_to_a_multiple_of_32_and_records_sizes(tiny_coco):
     assert images.tensors.shape == (2, 3, 64, 96)
     assert images.image_sizes == [(52, 70), (52, 70)]
     assert torch.equal(images.tensors[0, :, :52, :70], batch[0][0])
-    assert images.tensors[:, :, 52:].abs().sum() == 0 and images.tensors[:, :, :, 70:].abs().sum() == 0
+    assert (
+        images.tensors[:, :, 52:].abs().sum() == 0 and images.tensors[:, :, :, 70:].abs().sum() == 0
+    )
     assert targets[1] is batch[1][1]
 
 
 def test_dataloader_with_workers(smoke_bench):
-    ds = CocoDetection(smoke_bench.ann_file("val"), smoke_bench.image_dir("val"),
-                       eval_transforms(96, 128))
+    ds = CocoDetection(
+        smoke_bench.ann_file("val"), smoke_bench.image_dir("val"), eval_transforms(96, 128)
+    )
     loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate, num_workers=2)
     seen = sum(len(targets) for _, targets in loader)
     assert seen == len(ds)
@@ -121,23 +126,30 @@ def test_missing_top_level_key(tiny_coco, key):
 def test_annotation_with_unknown_image_id(tiny_coco):
     data = _data(tiny_coco)
     data["annotations"][2]["image_id"] = 42
-    with pytest.raises(DatasetError,
-                       match=r"annotations\[2\] \(id 3\): field 'image_id': unknown image id 42"):
+    with pytest.raises(
+        DatasetError, match=r"annotations\[2\] \(id 3\): field 'image_id': unknown image id 42"
+    ):
         CocoDetection(_rewrite(tiny_coco, data), tiny_coco.parent)
 
 
 def test_annotation_with_unknown_category_id(tiny_coco):
     data = _data(tiny_coco)
     data["annotations"][0]["category_id"] = 8
-    with pytest.raises(DatasetError, match=r"annotations\[0\] \(id 1\): field 'category_id': "
-                                           r"unknown category id 8"):
+    with pytest.raises(
+        DatasetError,
+        match=r"annotations\[0\] \(id 1\): field 'category_id': "
+        r"unknown category id 8",
+    ):
         CocoDetection(_rewrite(tiny_coco, data), tiny_coco.parent)
 
 
 def test_image_record_pointing_at_a_missing_file(tiny_coco):
     (tiny_coco.parent / "b.png").unlink()
-    with pytest.raises(DatasetError, match=r"images\[1\] \(id 2\): field 'file_name': no file "
-                                           r".*b\.png"):
+    with pytest.raises(
+        DatasetError,
+        match=r"images\[1\] \(id 2\): field 'file_name': no file "
+        r".*b\.png",
+    ):
         CocoDetection(tiny_coco, tiny_coco.parent)
 
 
@@ -148,8 +160,9 @@ def test_image_record_without_file_name(tiny_coco):
         CocoDetection(_rewrite(tiny_coco, data), tiny_coco.parent)
 
 
-@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n garbage", b"not an image at all",
-                                     "truncated"])
+@pytest.mark.parametrize(
+    "content", [b"", b"\x89PNG\r\n\x1a\n garbage", b"not an image at all", "truncated"]
+)
 def test_unreadable_or_corrupt_image(tiny_coco, content):
     file = tiny_coco.parent / "b.png"
     if content == "truncated":  # a real PNG cut in half
@@ -169,15 +182,27 @@ def test_image_whose_size_disagrees_with_its_record(tiny_coco):
         ds[0]
 
 
-@pytest.mark.parametrize("bbox", [[1, 2, "3", 4], [1, 2, 3], [1, 2, None, 4], "1,2,3,4",
-                                  [1, 2, float("nan"), 4], [1, True, 3, 4]])
+@pytest.mark.parametrize(
+    "bbox",
+    [
+        [1, 2, "3", 4],
+        [1, 2, 3],
+        [1, 2, None, 4],
+        "1,2,3,4",
+        [1, 2, float("nan"), 4],
+        [1, True, 3, 4],
+    ],
+)
 def test_non_numeric_or_malformed_bbox(tiny_coco, bbox):
     data = _data(tiny_coco)
     data["annotations"][1]["bbox"] = bbox
     text = json.dumps(data).replace("NaN", "NaN")  # json.dumps writes NaN, json.loads reads it
     tiny_coco.write_text(text)
-    with pytest.raises(DatasetError, match=r"annotations\[1\] \(id 2\): field 'bbox' must be "
-                                           r"a list of 4 finite numbers"):
+    with pytest.raises(
+        DatasetError,
+        match=r"annotations\[1\] \(id 2\): field 'bbox' must be "
+        r"a list of 4 finite numbers",
+    ):
         CocoDetection(tiny_coco, tiny_coco.parent)
 
 
@@ -185,8 +210,11 @@ def test_zero_and_negative_size_boxes_are_skipped_with_a_counted_warning(tiny_co
     data = _data(tiny_coco)
     data["annotations"][0]["bbox"] = [2, 3, 0, 12]
     data["annotations"][2]["bbox"] = [5, 5, 20, -1]
-    with pytest.warns(DatasetWarning, match=r"ann\.json: 2 boxes of zero or negative size "
-                                            r"skipped \(first: annotation id 1\)"):
+    with pytest.warns(
+        DatasetWarning,
+        match=r"ann\.json: 2 boxes of zero or negative size "
+        r"skipped \(first: annotation id 1\)",
+    ):
         ds = CocoDetection(_rewrite(tiny_coco, data), tiny_coco.parent)
     assert ds[0][1]["boxes"].tolist() == [[20, 5, 28, 13]]
     assert ds[1][1]["boxes"].shape == (0, 4)
@@ -201,8 +229,11 @@ def test_boxes_outside_the_image_are_clipped_or_skipped_with_counted_warnings(ti
         ds = CocoDetection(_rewrite(tiny_coco, data), tiny_coco.parent)
     messages = [str(w.message) for w in caught if issubclass(w.category, DatasetWarning)]
     assert any("1 boxes partly outside their image clipped" in m for m in messages)
-    assert any("1 boxes outside their image (nothing left after clipping) skipped" in m
-               and "annotation id 3" in m for m in messages)
+    assert any(
+        "1 boxes outside their image (nothing left after clipping) skipped" in m
+        and "annotation id 3" in m
+        for m in messages
+    )
     assert ds[0][1]["boxes"].tolist()[0] == [0, 20, 6, 30]
     assert ds.index.repairs == {"degenerate": 0, "clipped": 1, "outside": 1, "crowd": 0}
 
@@ -233,9 +264,11 @@ def test_crowd_annotations_are_dropped_from_targets(tiny_coco):
 
 
 def _required_fields():
-    for kind, fields in (("images", ["id", "file_name", "width", "height"]),
-                         ("annotations", ["id", "image_id", "category_id", "bbox"]),
-                         ("categories", ["id"])):
+    for kind, fields in (
+        ("images", ["id", "file_name", "width", "height"]),
+        ("annotations", ["id", "image_id", "category_id", "bbox"]),
+        ("categories", ["id"]),
+    ):
         for field in fields:
             yield kind, field
 

@@ -100,20 +100,25 @@ def test_bad_detections_are_named(smoke_bench, tmp_path):
 
 
 def test_ground_truth_without_area_or_iscrowd(tiny_coco):
-    dets = [{"image_id": 1, "category_id": 7, "bbox": [2, 3, 10, 12], "score": 0.9},
-            {"image_id": 1, "category_id": 9, "bbox": [20, 5, 8, 8], "score": 0.8},
-            {"image_id": 2, "category_id": 9, "bbox": [5, 5, 20, 10], "score": 0.7}]
+    dets = [
+        {"image_id": 1, "category_id": 7, "bbox": [2, 3, 10, 12], "score": 0.9},
+        {"image_id": 1, "category_id": 9, "bbox": [20, 5, 8, 8], "score": 0.8},
+        {"image_id": 2, "category_id": 9, "bbox": [5, 5, 20, 10], "score": 0.7},
+    ]
     assert coco_evaluate(tiny_coco, dets)["AP"] == 1.0
 
 
 def test_detections_map_back_to_original_coordinates(smoke_bench):
     """Boxes equal to the targets of resized images score AP 1 once mapped back."""
-    ds = CocoDetection(smoke_bench.ann_file("val"), smoke_bench.image_dir("val"),
-                       eval_transforms(200, 250))
+    ds = CocoDetection(
+        smoke_bench.ann_file("val"), smoke_bench.image_dir("val"), eval_transforms(200, 250)
+    )
     items = [ds[i] for i in range(len(ds))]
     assert any(t["image_size"][0] != t["orig_size"][0] for _, t in items)
-    detections = [{"boxes": t["boxes"], "labels": t["labels"],
-                   "scores": torch.ones(len(t["boxes"]))} for _, t in items]
+    detections = [
+        {"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["boxes"]))}
+        for _, t in items
+    ]
     results = detections_to_coco(detections, [t for _, t in items], ds.index.category_ids)
     assert {r["category_id"] for r in results} <= set(ds.index.category_ids)
     metrics = coco_evaluate(smoke_bench.ann_file("val"), results)

@@ -24,8 +24,9 @@ def test_regenerating_gives_identical_bytes(tmp_path):
     for split in ("train", "val"):
         assert first.ann_file(split).read_bytes() == second.ann_file(split).read_bytes()
     for name in ("000000.png", "000011.png"):
-        assert (first.image_dir("train") / name).read_bytes() == \
-            (second.image_dir("train") / name).read_bytes()
+        assert (first.image_dir("train") / name).read_bytes() == (
+            second.image_dir("train") / name
+        ).read_bytes()
 
 
 def test_cache_key_follows_the_parameters():
@@ -85,16 +86,27 @@ def test_benchmark_exercises_label_assignment(train_json):
     assert sizes.min() < 10 and sizes.max() > 64
     assert np.percentile(sizes, 90) / np.percentile(sizes, 10) > 4
     # elongated objects
-    aspect = np.array([max(a["bbox"][2], a["bbox"][3]) / min(a["bbox"][2], a["bbox"][3])
-                       for a in anns])
+    aspect = np.array(
+        [max(a["bbox"][2], a["bbox"][3]) / min(a["bbox"][2], a["bbox"][3]) for a in anns]
+    )
     assert (aspect >= 3).sum() >= 20
     # overlap and occlusion: some visible masks are clearly smaller than their boxes' shapes,
     # and boxes of the same image overlap
     overlapping = 0
     for image in train_json["images"]:
-        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
-                               a["bbox"][1] + a["bbox"][3]]
-                              for a in anns if a["image_id"] == image["id"]], dtype=torch.float)
+        boxes = torch.tensor(
+            [
+                [
+                    a["bbox"][0],
+                    a["bbox"][1],
+                    a["bbox"][0] + a["bbox"][2],
+                    a["bbox"][1] + a["bbox"][3],
+                ]
+                for a in anns
+                if a["image_id"] == image["id"]
+            ],
+            dtype=torch.float,
+        )
         if len(boxes) > 1:
             iou = box_iou(boxes, boxes).fill_diagonal_(0)
             overlapping += int((iou > 0.1).any())
@@ -112,8 +124,23 @@ def test_render_is_a_pure_function_of_seed_split_and_index():
 
 
 def test_cli_writes_the_benchmark_and_reports_throughput(tmp_path, capsys):
-    code = main(["data", "synth", "--profile", "smoke", "--root", str(tmp_path),
-                 "--num-train", "6", "--num-val", "2", "--image-size", "64", "80"])
+    code = main(
+        [
+            "data",
+            "synth",
+            "--profile",
+            "smoke",
+            "--root",
+            str(tmp_path),
+            "--num-train",
+            "6",
+            "--num-val",
+            "2",
+            "--image-size",
+            "64",
+            "80",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "images/s" in out and "MiB" in out

@@ -30,9 +30,16 @@ def test_no_detections_is_all_misses(smoke_bench):
     assert sum(result["main"].values()) == pytest.approx(100.0)
 
 
-@pytest.mark.parametrize(("kind", "error"), [("jittered", "Loc"), ("missing", "Miss"),
-                                             ("duplicated", "Dupe"), ("wrong_class", "Cls"),
-                                             ("background", "Bkg")])
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("jittered", "Loc"),
+        ("missing", "Miss"),
+        ("duplicated", "Dupe"),
+        ("wrong_class", "Cls"),
+        ("background", "Bkg"),
+    ],
+)
 def test_each_handmade_error_lands_in_its_bin(smoke_bench, kind, error):
     ann = smoke_bench.ann_file("val")
     dets = handmade_detections(ann, kind, seed=3, fraction=0.5)
@@ -62,8 +69,10 @@ def test_matplotlib_style_is_left_alone(smoke_bench):
 
 def test_plot_has_one_series_per_model(smoke_bench):
     ann = smoke_bench.ann_file("val")
-    errors = {kind: tide_errors(ann, handmade_detections(ann, kind))
-              for kind in ("jittered", "missing", "background")}
+    errors = {
+        kind: tide_errors(ann, handmade_detections(ann, kind))
+        for kind in ("jittered", "missing", "background")
+    }
     fig = viz.plot_tide(errors)
     main_ax, special_ax = fig.axes
     assert len(main_ax.containers) == 3 and len(special_ax.containers) == 3
