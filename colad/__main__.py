@@ -53,7 +53,8 @@ def _add_synth_options(parser: argparse.ArgumentParser) -> None:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from . import synth
 
-    cfg = synth.preset(args.profile)
+    profile = args.profile or config.profile_from_env()
+    cfg = synth.preset("quick" if profile == "full" else profile)
     overrides = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(cfg)
@@ -125,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--profile",
         choices=("smoke", "quick"),
-        default=config.profile_from_env() if config.profile_from_env() != "full" else "quick",
-        help="preset to start from (default: $COLAD_PROFILE, else quick)",
+        default=None,
+        help="preset to start from (default: $COLAD_PROFILE if smoke or quick, else quick)",
     )
     synth.add_argument(
         "--root",
@@ -165,9 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     from .data import DatasetError
 
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         return args.run(args)
     except (DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

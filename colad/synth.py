@@ -497,7 +497,14 @@ def generate(
     )
     if bench.root.exists():
         shutil.rmtree(bench.root)
-    os.replace(staging, bench.root)
+    try:
+        os.replace(staging, bench.root)
+    except OSError:
+        # Another process (a second rank, a parallel build) finished the same benchmark first:
+        # the content is identical by construction, so keep theirs.
+        if not marker.is_file():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
     return bench
 
 

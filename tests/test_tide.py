@@ -80,3 +80,30 @@ def test_plot_has_one_series_per_model(smoke_bench):
     heights = [bar.get_height() for bar in main_ax.containers[1]]  # "missing"
     assert heights[MAIN_ERRORS.index("Miss")] == pytest.approx(errors["missing"]["main"]["Miss"])
     assert [t.get_text() for t in main_ax.get_legend().get_texts()] == list(errors)
+
+
+@pytest.mark.parametrize("kind", ["jittered", "wrong_class", "duplicated"])
+def test_matches_tidecv_called_directly(smoke_bench, kind):
+    """Where tidecv does not crash, our dAP values are exactly its own."""
+    import matplotlib as mpl
+    from tidecv import TIDE, Data
+
+    ann = smoke_bench.ann_file("val")
+    dets = handmade_detections(ann, kind, seed=2, fraction=0.4)
+    truth, preds = Data("gt"), Data("dets")
+    for a in json.loads(ann.read_text())["annotations"]:
+        truth.add_ground_truth(a["image_id"], a["category_id"], a["bbox"])
+    for d in dets:
+        preds.add_detection(d["image_id"], d["category_id"], d["score"], d["bbox"])
+    with mpl.rc_context():
+        reference = TIDE()
+    reference.evaluate(truth, preds, mode=TIDE.BOX)
+    main = reference.get_main_errors()["dets"]
+    special = reference.get_special_errors()["dets"]
+
+    ours = tide_errors(ann, dets)
+    assert ours["AP50"] == pytest.approx(reference.runs["dets"].ap, abs=1e-9)
+    for key in MAIN_ERRORS:
+        assert ours["main"][key] == pytest.approx(main[key], abs=1e-9), key
+    for key in SPECIAL_ERRORS:
+        assert ours["special"][key] == pytest.approx(special[key], abs=1e-9), key

@@ -1,0 +1,57 @@
+"""Profiles and data locations: the one place that reads colad's environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from colad import config
+from colad.__main__ import main
+
+
+def test_profile_defaults_to_quick_and_reads_the_environment(monkeypatch):
+    monkeypatch.delenv("COLAD_PROFILE", raising=False)
+    assert config.profile_from_env() == "quick"
+    monkeypatch.setenv("COLAD_PROFILE", " Smoke ")
+    assert config.profile_from_env() == "smoke"
+
+
+def test_invalid_profile_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv("COLAD_PROFILE", "huge")
+    with pytest.raises(ValueError, match="COLAD_PROFILE='huge' is not a profile; choose one of"):
+        config.profile_from_env()
+    assert main(["data", "synth"]) == 2
+    assert "COLAD_PROFILE='huge' is not a profile" in capsys.readouterr().err
+
+
+def test_data_root_follows_colad_data(monkeypatch, tmp_path):
+    monkeypatch.delenv("COLAD_DATA", raising=False)
+    assert config.data_root().name == "data"
+    monkeypatch.setenv("COLAD_DATA", str(tmp_path))
+    assert config.data_root() == tmp_path.resolve()
+    assert config.coco_root() == tmp_path.resolve() / "coco"
+
+
+def test_full_profile_uses_coco_when_present(monkeypatch, tmp_path):
+    from colad import data
+    from conftest import write_coco
+
+    monkeypatch.setenv("COLAD_DATA", str(tmp_path))
+    ann = write_coco(tmp_path / "coco" / "val2017")
+    (tmp_path / "coco" / "annotations").mkdir()
+    ann.rename(tmp_path / "coco" / "annotations" / "instances_val2017.json")
+    paths = data.split_paths("full", "val")
+    assert paths.source == "COCO 2017 val"
+    assert len(data.CocoDetection(paths.ann_file, paths.image_dir)) == 2
+
+
+def test_full_profile_without_coco_falls_back_and_says_so(monkeypatch, tmp_path):
+    from colad import data, synth
+
+    monkeypatch.setenv("COLAD_DATA", str(tmp_path))
+    smoke = synth.preset("smoke")
+    monkeypatch.setattr(synth, "preset", lambda profile: smoke)  # keep the test small
+    paths = data.split_paths("full", "val")
+    assert "no COCO 2017 at" in paths.source and paths.ann_file.is_file()
+    assert paths.ann_file.is_relative_to(tmp_path / "synth")
+    with pytest.raises(ValueError, match="split='test'"):
+        data.split_paths("quick", "test")
