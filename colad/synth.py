@@ -158,10 +158,10 @@ def _rgb(hue: float, saturation: float, value: float) -> np.ndarray:
 
 def _outline_mask(outline: str, w: int, h: int, rng: np.random.Generator) -> np.ndarray:
     """Return ``bool[h, w]``: the pixels of a shape filling a ``w x h`` box."""
-    image = Image.new("L", (w, h), 0)
-    draw = ImageDraw.Draw(image)
     if outline == "rect":
         return np.ones((h, w), dtype=bool)
+    image = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(image)
     if outline in ("ellipse", "ring"):
         draw.ellipse([0, 0, w - 1, h - 1], fill=255)
         if outline == "ring":

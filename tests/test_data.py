@@ -196,8 +196,7 @@ def test_image_whose_size_disagrees_with_its_record(tiny_coco):
 def test_non_numeric_or_malformed_bbox(tiny_coco, bbox):
     data = _data(tiny_coco)
     data["annotations"][1]["bbox"] = bbox
-    text = json.dumps(data).replace("NaN", "NaN")  # json.dumps writes NaN, json.loads reads it
-    tiny_coco.write_text(text)
+    _rewrite(tiny_coco, data)  # json writes NaN as a bare token, which json.loads reads back
     with pytest.raises(
         DatasetError,
         match=r"annotations\[1\] \(id 2\): field 'bbox' must be "
