@@ -55,12 +55,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     profile = args.profile or config.profile_from_env()
     cfg = synth.preset("quick" if profile == "full" else profile)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg)}
     overrides = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(cfg)
-        if getattr(args, f.name) is not None
+        k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None
     }
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     cfg = dataclasses.replace(cfg, **overrides)
     bench = synth.generate(cfg, root=args.root, force=args.force, workers=args.workers)
     stats = synth.generation_stats(bench)
@@ -85,8 +83,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         if args.images is not None:
             dataset = CocoDetection(args.ann_file, args.images)
             index = dataset.index
-            for i in range(len(dataset)) if args.read_images else ():
-                dataset.read_image(i)
+            if args.read_images:
+                for i in range(len(dataset)):
+                    dataset.read_image(i)
         else:
             index = index_coco(read_coco_json(args.ann_file), args.ann_file)
     for w in caught:

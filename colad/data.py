@@ -276,21 +276,16 @@ def split_paths(profile: str, split: str = "val") -> SplitPaths:
 
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}; choose 'train' or 'val'")
+    preset, note = profile, ""
     if profile == "full":
         coco = config.coco_root()
         ann_file = coco / "annotations" / f"instances_{split}2017.json"
         if ann_file.is_file():
             return SplitPaths(ann_file, coco / f"{split}2017", f"COCO 2017 {split}")
-        bench = synth.generate(synth.preset("quick"))
-        return SplitPaths(
-            bench.ann_file(split),
-            bench.image_dir(split),
-            f"generated benchmark (quick) {split}: no COCO 2017 at {ann_file}",
-        )
-    bench = synth.generate(synth.preset(profile))
-    return SplitPaths(
-        bench.ann_file(split), bench.image_dir(split), f"generated benchmark ({profile}) {split}"
-    )
+        preset, note = "quick", f": no COCO 2017 at {ann_file}"
+    bench = synth.generate(synth.preset(preset))
+    source = f"generated benchmark ({preset}) {split}{note}"
+    return SplitPaths(bench.ann_file(split), bench.image_dir(split), source)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,6 +405,18 @@ def _resize(min_size: int, max_size: int) -> v2.Resize:
     return v2.Resize(min_size, max_size=max_size, antialias=True)
 
 
+def _normalised(min_size: int, max_size: int, *flips: v2.Transform) -> v2.Compose:
+    """Keep-ratio resize, the given flips, float conversion and normalisation."""
+    return v2.Compose(
+        [
+            _resize(min_size, max_size),
+            *flips,
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGE_MEAN, IMAGE_STD),
+        ]
+    )
+
+
 def train_transforms(
     min_size: int = 800, max_size: int = 1333, *, hflip: float = 0.5
 ) -> v2.Compose:
@@ -417,25 +424,12 @@ def train_transforms(
 
     Defaults are the COCO settings of ALGORITHMS.md §1.4; profiles pass smaller sizes.
     """
-    return v2.Compose(
-        [
-            _resize(min_size, max_size),
-            v2.RandomHorizontalFlip(hflip),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGE_MEAN, IMAGE_STD),
-        ]
-    )
+    return _normalised(min_size, max_size, v2.RandomHorizontalFlip(hflip))
 
 
 def eval_transforms(min_size: int = 800, max_size: int = 1333) -> v2.Compose:
     """Evaluation transforms: the training ones without the flip."""
-    return v2.Compose(
-        [
-            _resize(min_size, max_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGE_MEAN, IMAGE_STD),
-        ]
-    )
+    return _normalised(min_size, max_size)
 
 
 def collate(batch: Sequence[tuple[Tensor, dict]], size_divisible: int = 32):

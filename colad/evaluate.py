@@ -278,11 +278,13 @@ def handmade_detections(
             dup["score"] = det["score"] * 0.9
             out.append(dup)
     if kind == "background":
-        out += _background_boxes(gt, anns, rng, fraction)
+        out += _background_boxes(gt, anns, category_ids, rng, fraction)
     return out
 
 
-def _background_boxes(gt: COCO, anns: list[dict], rng, fraction: float) -> list[dict]:
+def _background_boxes(
+    gt: COCO, anns: list[dict], category_ids: list[int], rng, fraction: float
+) -> list[dict]:
     """Boxes that overlap no object (IoU < 0.1 with every box), one per object, in ``fraction``
     of the images."""
     from torchvision.ops import box_iou
@@ -292,7 +294,6 @@ def _background_boxes(gt: COCO, anns: list[dict], rng, fraction: float) -> list[
         x, y, w, h = ann["bbox"]
         by_image.setdefault(ann["image_id"], []).append([x, y, x + w, y + h])
     out = []
-    category_ids = sorted(gt.getCatIds())
     for image in gt.dataset["images"]:
         boxes = by_image.get(image["id"], [])
         if not boxes or rng.uniform() >= fraction:
