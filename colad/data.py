@@ -42,6 +42,7 @@ __all__ = [
     "CocoDetection",
     "train_transforms",
     "eval_transforms",
+    "batch_images",
     "collate",
     "IMAGE_MEAN",
     "IMAGE_STD",
@@ -432,6 +433,20 @@ def eval_transforms(min_size: int = 800, max_size: int = 1333) -> v2.Compose:
     return _normalised(min_size, max_size)
 
 
+def batch_images(images: Sequence[Tensor], size_divisible: int = 32) -> ImageList:
+    """Pad images ``Tensor[3, h, w]`` into one ``ImageList`` whose sides are multiples of
+    ``size_divisible`` (zeros at the bottom and right; ``image_sizes`` keeps each ``(h, w)``)."""
+    if not images:
+        raise ValueError("batch_images: no images")
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    height = math.ceil(max(h for h, _ in sizes) / size_divisible) * size_divisible
+    width = math.ceil(max(w for _, w in sizes) / size_divisible) * size_divisible
+    padded = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+    for k, (image, (h, w)) in enumerate(zip(images, sizes, strict=True)):
+        padded[k, :, :h, :w].copy_(image)
+    return ImageList(padded, sizes)
+
+
 def collate(batch: Sequence[tuple[Tensor, dict]], size_divisible: int = 32):
     """Pad a list of ``(image, target)`` to one tensor whose sides are multiples of
     ``size_divisible``.
@@ -443,12 +458,5 @@ def collate(batch: Sequence[tuple[Tensor, dict]], size_divisible: int = 32):
     """
     if not batch:
         raise ValueError("collate: empty batch")
-    images = [image for image, _ in batch]
-    targets = [target for _, target in batch]
-    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-    height = math.ceil(max(h for h, _ in sizes) / size_divisible) * size_divisible
-    width = math.ceil(max(w for _, w in sizes) / size_divisible) * size_divisible
-    padded = images[0].new_zeros((len(images), images[0].shape[0], height, width))
-    for k, (image, (h, w)) in enumerate(zip(images, sizes, strict=True)):
-        padded[k, :, :h, :w].copy_(image)
-    return ImageList(padded, sizes), targets
+    images = batch_images([image for image, _ in batch], size_divisible)
+    return images, [target for _, target in batch]
