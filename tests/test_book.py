@@ -43,8 +43,8 @@ def test_book_builds_in_smoke_profile(tmp_path):
         **os.environ,
         "COLAD_PROFILE": "smoke",
         "COLAD_DATA": str(tmp_path / "data"),
-        "MPLBACKEND": "Agg",
     }
+    env.pop("MPLBACKEND", None)  # the kernel's inline backend, as for a reader
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
     command = [
         str(jupyter_book),
@@ -67,6 +67,8 @@ def test_book_builds_in_smoke_profile(tmp_path):
         assert page.is_file(), f"no HTML for chapter {name}"
         text = page.read_text()
         assert "Traceback (most recent call last)" not in text, f"a cell raised in {name}"
+        if "viz." in (BOOK / f"{name}.md").read_text():
+            assert "<img" in text, f"{name} draws figures but its page shows none"
     reports = html / "reports"
     assert not reports.exists() or not any(reports.iterdir()), "execution reports were written"
     # the chapters generated their data where COLAD_DATA pointed

@@ -196,3 +196,13 @@ def test_paa_assign_with_no_objects_anywhere():
     valid = torch.ones(2, len(anchors), dtype=torch.bool)
     assignment = paa.paa_assign(cls_logits, deltas, anchors, valid, empty, [len(anchors)])
     assert assignment.num_pos == 0 and (assignment.matched_idxs == -1).all()
+
+
+def test_bench_assign_command(capsys):
+    from colad.__main__ import main
+
+    assert main(["bench", "assign", "--gts", "5", "12", "--repeats", "1", "--cpu-only"]) == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and len(out.strip().splitlines()) == 4  # header line, table of 2
+    assert main(["bench", "assign", "--gts", "0"]) == 2
+    assert "--gts" in capsys.readouterr().err
