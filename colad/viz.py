@@ -28,6 +28,7 @@ __all__ = [
     "plot_tide",
     "plot_anchor_levels",
     "plot_positives",
+    "plot_candidates",
     "plot_mixture",
     "mixture_explorer",
 ]
@@ -289,6 +290,43 @@ def plot_positives(
         ax.set_ylim(image.shape[-2], 0)
         ax.axis("off")
     fig.tight_layout()
+    return fig
+
+
+def plot_candidates(
+    image: Tensor,
+    gt_box: Tensor,
+    boxes: Tensor,
+    costs: Tensor,
+    positive: Tensor,
+    *,
+    ax=None,
+    title: str | None = None,
+):
+    """One object's candidate anchors, coloured by cost, the positives drawn thick.
+
+    Args:
+        image: ``Tensor[3, H, W]``.
+        gt_box (Tensor[4]): the object.
+        boxes (Tensor[n, 4]), costs (Tensor[n]), positive (Tensor[n] bool): its candidates.
+    """
+    fig, ax = _figure(ax)
+    ax.imshow(to_display(image))
+    cmap = plt.get_cmap("viridis")
+    norm = mpl.colors.Normalize(float(costs.min()), float(costs.max()))
+    order = torch.argsort(costs.cpu(), descending=True)  # cheapest drawn last, on top
+    for k in order.tolist():
+        x1, y1, x2, y2 = boxes[k].tolist()
+        patch = mpl.patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False)
+        patch.set(edgecolor=cmap(norm(float(costs[k]))), linewidth=2.0 if positive[k] else 0.6)
+        ax.add_patch(patch)
+    draw_boxes(ax, gt_box[None], color=ROLE_COLORS["gt"], linestyle="--", linewidth=1.5)
+    fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="anchor cost $c$")
+    ax.set_xlim(0, image.shape[-1])
+    ax.set_ylim(image.shape[-2], 0)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=9)
     return fig
 
 
