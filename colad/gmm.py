@@ -141,6 +141,7 @@ def _em_step(
     log-likelihood under the old parameters, as scikit-learn reports it)."""
     count, sums, squares = stats
     means = sums / count
+    # scikit-learn's "diag" variance; it raises where this is not positive, we floor it instead.
     variances = (squares / count - means * means + reg_covar).clamp(min=reg_covar)
     # log pi_k N(x | mu_k, v_k) = a_k + b_k x + c_k x^2, a quadratic in x.
     b, c = means / variances, -0.5 / variances
@@ -153,5 +154,5 @@ def _em_step(
     # log p(x_i) = l_0(x_i) - log sigmoid(d_i); the bound is its mean over the row.
     log_lik = (coef[:, 0] * totals).sum(0) - (F.logsigmoid(diff) * weight).sum(1)
     new_stats = (resp[None] * powers[:, None]).sum(3)
-    new_stats[0] += 10 * torch.finfo(torch.float64).eps
+    new_stats[0] += 10 * torch.finfo(torch.float64).eps  # N_k + 10 eps, as scikit-learn
     return new_stats, log_lik * inv_count
