@@ -1,8 +1,10 @@
 """Benchmarks that compare colad with the reference implementations, side by side in one process.
 
-``python -m colad bench assign`` times :func:`colad.paa.split_candidates` against the reference
-implementations' approach, a scikit-learn ``GaussianMixture`` fitted per object in a Python loop,
-on the same inputs, and checks that both choose the same positives.
+* ``python -m colad bench assign`` times :func:`colad.paa.split_candidates` against the reference
+  implementations' approach, a scikit-learn ``GaussianMixture`` fitted per object in a Python
+  loop, on the same inputs, and checks that both choose the same positives.
+* ``python -m colad bench train`` times a training step of the PAA detector against torchvision's
+  RetinaNet with the same backbone, FPN width, head depth, image size and batch.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from torch import Tensor
 
 from colad.paa import split_candidates
 
-__all__ = ["synthetic_costs", "split_candidates_sklearn", "bench_assign", "format_table"]
+__all__ = [
+    "synthetic_costs",
+    "split_candidates_sklearn",
+    "bench_assign",
+    "format_table",
+    "retinanet_like",
+    "bench_train",
+]
 
 
 def synthetic_costs(
@@ -147,3 +156,108 @@ def format_table(rows: list[dict]) -> str:
             f"{r['colad_ms']:>9.2f} {r['speedup']:>7.1f}x"
         )
     return "\n".join(lines)
+
+
+def retinanet_like(config, image_size: tuple[int, int]) -> torch.nn.Module:
+    """torchvision's RetinaNet built to match a colad ``ModelConfig`` with a ResNet backbone:
+    the same ResNet (random weights, trainable BatchNorm), FPN width and P3-P7 levels, and
+    ``head_convs``-deep towers with GroupNorm (torchvision's v2 head). Its input transform is
+    set to the image size, so it does not resize. Anchors stay torchvision's (9 per location).
+    """
+    from functools import partial
+
+    import torchvision
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    if not config.backbone.startswith("resnet") or config.num_levels != 5:
+        raise ValueError("retinanet_like needs a ResNet backbone and 5 FPN levels")
+    width = config.fpn_channels
+    resnet = getattr(torchvision.models, config.backbone)(weights=None)
+    c3 = resnet.inplanes // 4  # C3-C5 have inplanes / 4, / 2 and / 1 channels
+    backbone = BackboneWithFPN(
+        resnet, {"layer2": "0", "layer3": "1", "layer4": "2"}, [c3, 2 * c3, 4 * c3], width,
+        extra_blocks=LastLevelP6P7(width, width),
+    )  # fmt: skip
+    model = RetinaNet(
+        backbone, config.num_classes, min_size=min(image_size), max_size=max(image_size)
+    )
+    num_anchors = model.anchor_generator.num_anchors_per_location()[0]
+    norm = partial(torch.nn.GroupNorm, config.norm_groups)
+    head = RetinaNetHead(width, num_anchors, config.num_classes, norm_layer=norm)
+    for tower in (head.classification_head.conv, head.regression_head.conv):
+        del tower[config.head_convs :]  # torchvision builds 4 conv-norm-relu blocks
+    model.head = head
+    return model
+
+
+def _random_targets(batch: int, image_size: tuple[int, int], num_classes: int, seed: int):
+    """Eight random boxes per image, 16 px to half the image, with random classes."""
+    g = torch.Generator().manual_seed(seed)
+    height, width = image_size
+    targets = []
+    for _ in range(batch):
+        wh = torch.rand(8, 2, generator=g) * (torch.tensor([width, height]) / 2 - 16) + 16
+        xy = torch.rand(8, 2, generator=g) * (torch.tensor([width, height]) - wh)
+        labels = torch.randint(num_classes, (8,), generator=g)
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": labels})
+    return targets
+
+
+def bench_train(
+    *,
+    backbone: str = "resnet18",
+    fpn_channels: int = 256,
+    image_size: tuple[int, int] = (512, 768),
+    batch: int = 2,
+    num_classes: int = 80,
+    repeats: int = 10,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> dict:
+    """Time one SGD step (forward, losses, backward, update) of PAA and of a matching RetinaNet,
+    alternating them on the same images and targets.
+
+    Returns:
+        ``paa_ms``, ``retinanet_ms`` (medians), ``ratio`` (PAA / RetinaNet), ``assign_ms`` (the
+        median time of PAA's assignment alone) and the settings.
+    """
+    from colad.config import ModelConfig
+    from colad.detector import Detector
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    config = ModelConfig(num_classes=num_classes, backbone=backbone, fpn_channels=fpn_channels)
+    models = {"paa": Detector(config), "retinanet": retinanet_like(config, image_size)}
+    images = [torch.randn(3, *image_size, device=device) for _ in range(batch)]
+    targets = [{k: v.to(device) for k, v in t.items()}
+               for t in _random_targets(batch, image_size, num_classes, seed)]  # fmt: skip
+    optimizers = {}
+    for name, model in models.items():
+        model.to(device).train()
+        optimizers[name] = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step(name: str) -> None:
+        losses = models[name](images, targets)
+        optimizers[name].zero_grad()
+        sum(losses.values()).backward()
+        optimizers[name].step()
+
+    times = {name: [] for name in models}
+    for k in range(repeats + 2):  # two warm-up rounds
+        for name in models:
+            elapsed = _seconds(device, step, name)
+            if k >= 2:
+                times[name].append(elapsed)
+    paa_model = models["paa"]
+    with torch.no_grad():
+        predictions = paa_model.predict(images)
+        assign = [_seconds(device, paa_model.assign, predictions, targets) for _ in range(repeats)]
+    paa_ms = statistics.median(times["paa"]) * 1e3
+    retina_ms = statistics.median(times["retinanet"]) * 1e3
+    return {
+        "device": str(device), "backbone": backbone, "fpn_channels": fpn_channels,
+        "image_size": image_size, "batch": batch, "paa_ms": paa_ms, "retinanet_ms": retina_ms,
+        "ratio": paa_ms / retina_ms, "assign_ms": statistics.median(assign) * 1e3,
+    }  # fmt: skip

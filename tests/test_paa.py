@@ -206,3 +206,19 @@ def test_bench_assign_command(capsys):
     assert "speedup" in out and len(out.strip().splitlines()) == 4  # header line, table of 2
     assert main(["bench", "assign", "--gts", "0"]) == 2
     assert "--gts" in capsys.readouterr().err
+
+
+def test_bench_train_matches_retinanet_settings_and_times_both():
+    from colad.bench import bench_train, retinanet_like
+    from colad.config import ModelConfig
+    from colad.detector import Detector
+
+    cfg = ModelConfig(num_classes=3, backbone="resnet18", fpn_channels=64, head_convs=2)
+    ours, theirs = Detector(cfg), retinanet_like(cfg, (64, 96))
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(ours.features.backbone) == count(theirs.backbone.body)  # the same ResNet
+    assert len(theirs.head.classification_head.conv) == 2
+    result = bench_train(fpn_channels=64, image_size=(64, 96), batch=1, num_classes=3, repeats=1)
+    assert result["paa_ms"] > 0 and result["retinanet_ms"] > 0 and result["assign_ms"] > 0
+    with pytest.raises(ValueError, match="ResNet"):
+        retinanet_like(ModelConfig(backbone="tiny"), (64, 96))
