@@ -18,7 +18,19 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PROFILES", "profile_from_env", "data_root", "coco_root", "ModelConfig", "model_preset"]
+__all__ = [
+    "PROFILES",
+    "profile_from_env",
+    "data_root",
+    "coco_root",
+    "ModelConfig",
+    "model_preset",
+    "DataConfig",
+    "TrainConfig",
+    "Experiment",
+    "EXPERIMENTS",
+    "experiment",
+]
 
 PROFILES = ("smoke", "quick", "full")
 DEFAULT_PROFILE = "quick"
@@ -56,8 +68,39 @@ def coco_root() -> Path:
     return data_root() / "coco"
 
 
+class _JsonConfig:
+    """``to_dict``/``from_dict`` for the frozen config dataclasses: json-safe, tuples restored,
+    nested configs rebuilt, unknown keys an error rather than silently dropped."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__}: expected a dict, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+        kwargs = {}
+        for name, value in data.items():
+            field = fields[name]
+            default = (
+                field.default_factory()
+                if field.default_factory is not dataclasses.MISSING
+                else field.default
+            )
+            if isinstance(default, _JsonConfig):
+                value = type(default).from_dict(value)
+            elif isinstance(default, tuple) and isinstance(value, list):
+                value = tuple(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_JsonConfig):
     """Everything that defines a PAA detector: architecture, anchors, assignment, losses and
     post-processing. The defaults are the paper's (ALGORITHMS.md §10) with a ResNet-50; change
     fields with ``dataclasses.replace``.
@@ -103,21 +146,6 @@ class ModelConfig:
     score_voting: bool = True
     voting_sigma: float = 0.025
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error, not silently dropped."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {', '.join(unknown)}")
-        data = dict(data)
-        if "widths" in data:
-            data["widths"] = tuple(data["widths"])
-        return cls(**data)
-
 
 def model_preset(profile: str, num_classes: int) -> ModelConfig:
     """The detector of each profile.
@@ -140,3 +168,122 @@ def model_preset(profile: str, num_classes: int) -> ModelConfig:
             fpn_channels=32, num_levels=3, head_convs=1, norm_groups=8, anchor_scale=4.0,
         )  # fmt: skip
     raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+
+
+@dataclass(frozen=True)
+class DataConfig(_JsonConfig):
+    """Which data and how it is fed.
+
+    Attributes:
+        profile: whose data: ``smoke``/``quick`` use their generated benchmark, ``full`` COCO 2017
+            (:func:`colad.data.split_paths`).
+        min_size, max_size: resize keeping the aspect ratio (short side, long side).
+        hflip: horizontal-flip probability in training.
+        num_workers: data-loading processes.
+    """
+
+    profile: str = "full"
+    min_size: int = 800
+    max_size: int = 1333
+    hflip: float = 0.5
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"DataConfig.profile={self.profile!r}; choose one of {PROFILES}")
+        if not 0 < self.min_size <= self.max_size:
+            raise ValueError(f"DataConfig: need 0 < min_size <= max_size, got "
+                             f"{self.min_size}, {self.max_size}")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainConfig(_JsonConfig):
+    """The optimisation schedule (ALGORITHMS.md §1.4 for the paper's 1x).
+
+    Attributes:
+        epochs: passes over the training set.
+        max_steps: stop after this many iterations instead (0: run all epochs).
+        batch_size: images per iteration (per process under torchrun).
+        lr, momentum, weight_decay: SGD.
+        warmup_steps, warmup_ratio: linear warm-up from ``warmup_ratio * lr``.
+        lr_steps: epochs after which the learning rate is multiplied by 0.1.
+        grad_clip: clip the gradient norm to this (0: no clipping).
+        amp: mixed precision on CUDA (ignored on the CPU).
+        seed: seeds Python, NumPy and PyTorch, and the data order.
+        eval_every_epoch: evaluate after every epoch, not only at the end.
+    """
+
+    epochs: int = 12
+    max_steps: int = 0
+    batch_size: int = 16
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 500
+    warmup_ratio: float = 0.001
+    lr_steps: tuple[int, ...] = (8, 11)
+    grad_clip: float = 0.0
+    amp: bool = True
+    seed: int = 0
+    eval_every_epoch: bool = False
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
+        bad = [f"{k}={v}" for k, v in positive.items() if not v > 0]
+        if bad or self.max_steps < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError(f"TrainConfig: bad values {', '.join(bad) or 'max_steps, warmup'}")
+
+
+@dataclass(frozen=True)
+class Experiment(_JsonConfig):
+    """A named, complete description of one training run: data, model, schedule and method.
+
+    ``method`` is ``"baseline"`` (PAA assigns for itself); later chapters add ``"lad"`` and
+    ``"colad"``.
+    """
+
+    name: str = "paa"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    method: str = "baseline"
+
+
+def _paa_baseline(profile: str, backbone: str | None = None) -> Experiment:
+    """PAA assigning for itself: the paper's 1x schedule on COCO (``full``) or a short schedule
+    on the generated benchmark."""
+    num_classes = 80 if profile == "full" else 6
+    model = model_preset(profile, num_classes)
+    if backbone is not None:
+        model = dataclasses.replace(model, backbone=backbone)
+    if profile == "full":
+        data, train = DataConfig("full"), TrainConfig()
+    elif profile == "quick":
+        data = DataConfig("quick", min_size=128, max_size=192)
+        train = TrainConfig(epochs=2, batch_size=16, lr=0.02, warmup_steps=50,
+                            lr_steps=(), amp=False)  # fmt: skip
+    else:
+        data = DataConfig("smoke", min_size=96, max_size=128, num_workers=0)
+        train = TrainConfig(epochs=4, batch_size=8, lr=0.02, warmup_steps=5, lr_steps=(3,),
+                            amp=False)  # fmt: skip
+    name = f"paa-{model.backbone}-{profile}"
+    return Experiment(name=name, data=data, model=model, train=train)
+
+
+#: Named experiments: ``experiment(name, profile)`` builds them.
+EXPERIMENTS = {"paa": _paa_baseline}
+
+
+def experiment(name: str, profile: str | None = None, **options) -> Experiment:
+    """Build the named experiment for a profile (default: ``$COLAD_PROFILE``).
+
+    Example:
+        >>> experiment("paa", "smoke").model.backbone
+        'tiny'
+    """
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    profile = profile or profile_from_env()
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    return EXPERIMENTS[name](profile, **options)

@@ -55,3 +55,30 @@ def test_full_profile_without_coco_falls_back_and_says_so(monkeypatch, tmp_path)
     assert paths.ann_file.is_relative_to(tmp_path / "synth")
     with pytest.raises(ValueError, match="split='test'"):
         data.split_paths("quick", "test")
+
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "full"])
+def test_experiments_round_trip_through_json(profile):
+    import json
+
+    from colad.config import Experiment, experiment
+
+    exp = experiment("paa", profile)
+    assert Experiment.from_dict(json.loads(json.dumps(exp.to_dict()))) == exp
+    assert isinstance(Experiment.from_dict(exp.to_dict()).train.lr_steps, tuple)
+
+
+def test_experiment_options_and_errors():
+    from colad.config import Experiment, ModelConfig, TrainConfig, experiment
+
+    assert experiment("paa", "full", backbone="resnet18").model.backbone == "resnet18"
+    with pytest.raises(ValueError, match="unknown experiment"):
+        experiment("nope", "quick")
+    with pytest.raises(ValueError, match="unknown field"):
+        Experiment.from_dict({"name": "x", "trian": {}})
+    with pytest.raises(ValueError, match="unknown field.*lrr"):
+        Experiment.from_dict({"train": {"lrr": 1.0}})
+    with pytest.raises(ValueError, match="expected a dict"):
+        ModelConfig.from_dict([1, 2])
+    with pytest.raises(ValueError, match="lr=0"):
+        TrainConfig(lr=0)
