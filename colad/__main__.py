@@ -106,36 +106,40 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench_assign(args: argparse.Namespace) -> int:
+def _bench_devices(args: argparse.Namespace) -> list[str]:
+    """The CPU, and CUDA when present and not ``--cpu-only``; prints what runs the benchmark."""
     import torch
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    if "cuda" in devices:
+        print(f"GPU: {torch.cuda.get_device_name()}")
+    return devices
+
+
+def _cmd_bench_assign(args: argparse.Namespace) -> int:
 
     from .bench import bench_assign, format_table
 
     if args.repeats < 1 or any(n < 1 for n in args.gts) or args.candidates < 2:
         raise ValueError("--gts and --repeats must be positive and --candidates at least 2")
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
     rows = []
-    for device in devices:
+    for device in _bench_devices(args):
         rows += bench_assign(
             args.gts, max_candidates=args.candidates, repeats=args.repeats, device=device,
             seed=args.seed,
         )  # fmt: skip
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    if "cuda" in devices:
-        print(f"GPU: {torch.cuda.get_device_name()}")
     print(format_table(rows))
     return 0
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
-    import torch
 
     from .bench import bench_train
 
     if args.repeats < 1 or args.batch < 1 or min(args.size) < 32 or args.classes < 1:
         raise ValueError("--repeats, --batch and --classes must be positive, --size at least 32")
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    devices = _bench_devices(args)
     height, width = args.size
     print(f"{args.backbone}, FPN {args.fpn_channels}, {height}x{width} px, batch {args.batch}, "
           f"{args.classes} classes; median of {args.repeats} steps")  # fmt: skip
@@ -145,10 +149,9 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
             backbone=args.backbone, fpn_channels=args.fpn_channels, image_size=tuple(args.size),
             batch=args.batch, num_classes=args.classes, repeats=args.repeats, device=device,
         )  # fmt: skip
-        name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         share = r["assign_ms"] / r["paa_ms"]
         print(f"{device:>7} {r['paa_ms']:>9.1f} {r['retinanet_ms']:>13.1f} {r['ratio']:>6.2f} "
-              f"{r['assign_ms']:>7.1f} ms ({share:.1%})  [{name}]")  # fmt: skip
+              f"{r['assign_ms']:>7.1f} ms ({share:.1%})")  # fmt: skip
     return 0
 
 

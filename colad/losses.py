@@ -97,7 +97,7 @@ def paa_losses(
         return losses
     image, anchor = torch.nonzero(positive, as_tuple=True)
     boxes = box_coder.decode(deltas[image, anchor].float(), anchors[anchor])
-    target_boxes = assignment.target_boxes()[image, anchor]
+    target_boxes = assignment.target_boxes(image, anchor)
     iou_targets = aligned_iou(boxes.detach(), target_boxes)  # t_i
     weight = iou_targets.clamp(min=WEIGHT_FLOOR)
     giou = aligned_giou(boxes, target_boxes)

@@ -74,10 +74,9 @@ class Assignment:
         labels = self.gt_labels.gather(1, self.matched_idxs.clamp(min=0))
         return torch.where(self.positive, labels, torch.full_like(labels, num_classes))
 
-    def target_boxes(self) -> Tensor:
-        """Tensor[B, A, 4]: the matched object's box (meaningful only where ``positive``)."""
-        index = self.matched_idxs.clamp(min=0)[..., None].expand(-1, -1, 4)
-        return self.gt_boxes.gather(1, index)
+    def target_boxes(self, image: Tensor, anchor: Tensor) -> Tensor:
+        """Tensor[N, 4]: the matched object's box for positive anchors ``(image[n], anchor[n])``."""
+        return self.gt_boxes[image, self.matched_idxs[image, anchor]]
 
 
 def pad_targets(targets: list[dict[str, Tensor]], device=None) -> tuple[Tensor, Tensor, Tensor]:
