@@ -6,10 +6,13 @@ Commands:
   report its throughput and size on disk.
 * ``data check`` -- check a COCO-format annotation file (and its images) against the bad-input
   policy and print a summary.
+* ``train`` -- train and evaluate a named experiment (the run cache of DESIGN.md: a complete run
+  with the same settings and library source is reused); one process or many under ``torchrun``.
+* ``eval`` -- evaluate a run directory or a checkpoint on its validation split or any COCO file.
 * ``bench assign`` -- time PAA's batched mixture split against the reference implementations'
   per-object scikit-learn loop on the same inputs, and check that they agree.
-* ``bench train`` -- time a PAA training step against torchvision's RetinaNet with the same
-  backbone, FPN width, image size and batch.
+* ``bench train`` / ``bench infer`` -- time a PAA training step / inference against
+  torchvision's RetinaNet with the same backbone, FPN width, image size and batch.
 
 Examples::
 
@@ -17,6 +20,9 @@ Examples::
     python -m colad data synth --profile smoke --num-train 200 --seed 3
     python -m colad data check data/coco/annotations/instances_val2017.json \\
         --images data/coco/val2017
+    COLAD_PROFILE=smoke python -m colad train paa
+    torchrun --nproc_per_node=8 -m colad train paa --profile full --backbone resnet18
+    python -m colad eval data/runs/paa-tiny-quick-<key>
     python -m colad bench assign --gts 10 100 1000
     python -m colad bench train --backbone resnet18 --size 512 768 --batch 2
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -126,9 +133,12 @@ def _cmd_bench_assign(args: argparse.Namespace) -> int:
     rows = []
     for device in _bench_devices(args):
         rows += bench_assign(
-            args.gts, max_candidates=args.candidates, repeats=args.repeats, device=device,
+            args.gts,
+            max_candidates=args.candidates,
+            repeats=args.repeats,
+            device=device,
             seed=args.seed,
-        )  # fmt: skip
+        )
     print(format_table(rows))
     return 0
 
@@ -141,18 +151,267 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
         raise ValueError("--repeats, --batch and --classes must be positive, --size at least 32")
     devices = _bench_devices(args)
     height, width = args.size
-    print(f"{args.backbone}, FPN {args.fpn_channels}, {height}x{width} px, batch {args.batch}, "
-          f"{args.classes} classes; median of {args.repeats} steps")  # fmt: skip
+    print(
+        f"{args.backbone}, FPN {args.fpn_channels}, {height}x{width} px, batch {args.batch}, "
+        f"{args.classes} classes; median of {args.repeats} steps"
+    )
     print(f"{'device':>7} {'PAA ms':>9} {'RetinaNet ms':>13} {'ratio':>6} {'assignment':>16}")
     for device in devices:
         r = bench_train(
-            backbone=args.backbone, fpn_channels=args.fpn_channels, image_size=tuple(args.size),
-            batch=args.batch, num_classes=args.classes, repeats=args.repeats, device=device,
-        )  # fmt: skip
+            backbone=args.backbone,
+            fpn_channels=args.fpn_channels,
+            image_size=tuple(args.size),
+            batch=args.batch,
+            num_classes=args.classes,
+            repeats=args.repeats,
+            device=device,
+        )
         share = r["assign_ms"] / r["paa_ms"]
-        print(f"{device:>7} {r['paa_ms']:>9.1f} {r['retinanet_ms']:>13.1f} {r['ratio']:>6.2f} "
-              f"{r['assign_ms']:>7.1f} ms ({share:.1%})")  # fmt: skip
+        print(
+            f"{device:>7} {r['paa_ms']:>9.1f} {r['retinanet_ms']:>13.1f} {r['ratio']:>6.2f} "
+            f"{r['assign_ms']:>7.1f} ms ({share:.1%})"
+        )
     return 0
+
+
+TRAIN_HELP = """\
+Train and evaluate a named experiment, or load its results when a complete run with the same
+settings and library source exists: runs live in <data root>/runs/<name>-<key>/ (config.json,
+checkpoint.pt, history.json, detections.json, metrics.json). The options below override the
+profile's settings (and so change the key).
+
+A killed run is continued with --resume (from its last checkpoint: every epoch, every
+--checkpoint-every steps and every 20 minutes); --restart discards it instead.
+
+GPU servers: one process per GPU through torchrun, e.g. on 8 GPUs
+
+    torchrun --nproc_per_node=8 -m colad train paa --profile full --backbone resnet50
+
+--batch-size is the total over all processes (16 in the paper: 8 GPUs x 2 images) and the
+schedule is in steps of that batch, so changing the number of GPUs changes nothing else. The
+learning rate follows the linear scaling rule: lr = 0.01 x batch / 16; with --batch-size 32 pass
+--lr 0.02. On the CPU, torchrun uses the gloo backend (add --cpu on a GPU machine to force it).
+"""
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+    names = list(metrics)
+    print("  ".join(f"{k:>6}" for k in names))
+    print("  ".join(f"{v:>6.3f}" for v in metrics.values()))
+
+
+def _train_experiment(args: argparse.Namespace):
+    """The experiment named on the command line, with the options' overrides."""
+    from .config import Experiment
+
+    if isinstance(args.resume, str):
+        saved = Path(args.resume) / "config.json"
+        if not saved.is_file():
+            raise ValueError(f"--resume {args.resume}: no config.json there; not a run directory")
+        return Experiment.from_dict(json.loads(saved.read_text())["experiment"])
+    options = {"backbone": args.backbone} if args.backbone else {}
+    experiment = config.experiment(args.experiment, args.profile, **options)
+    train = {
+        "epochs": args.epochs,
+        "max_steps": args.max_steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "amp": args.amp,
+        "grad_clip": args.grad_clip,
+        "eval_every_epoch": args.eval_every_epoch or None,
+    }
+    train = {k: v for k, v in train.items() if v is not None}
+    workers = {} if args.workers is None else {"num_workers": args.workers}
+    return dataclasses.replace(
+        experiment,
+        train=dataclasses.replace(experiment.train, **train),
+        data=dataclasses.replace(experiment.data, **workers),
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from . import dist, engine
+
+    if args.resume and args.restart:
+        raise ValueError("--resume and --restart contradict each other")
+    env = dist.setup("cpu" if args.cpu else None)
+    try:
+        experiment = _train_experiment(args)
+        path = args.out or (Path(args.resume) if isinstance(args.resume, str) else None)
+        on_partial = "resume" if args.resume else "restart" if args.restart else "error"
+        try:
+            result = engine.run(
+                experiment,
+                path=path,
+                redo=args.redo,
+                on_partial=on_partial,
+                progress=not args.no_progress,
+                checkpoint_every=args.checkpoint_every,
+            )
+        except engine.RunExists as e:
+            raise ValueError(
+                f"{e}: pass --resume to continue it or --restart to discard it"
+            ) from None
+        if env.is_main:
+            summary = result.summary
+            what = "reused the complete run" if result.reused else "trained"
+            print(f"{experiment.name}: {what} in {result.path}")
+            print(
+                f"{summary['steps']} steps ({summary['skipped_steps']} skipped), "
+                f"{summary['train_seconds']:.0f} s on {summary['device']}, "
+                f"{summary['images_per_second']:.1f} images/s; data: {summary['data']}"
+            )
+            _print_metrics(result.metrics)
+    finally:
+        dist.cleanup()
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import data, dist, engine, evaluate
+
+    source = Path(args.source)
+    checkpoint = source / engine.CHECKPOINT if source.is_dir() else source
+    env = dist.setup("cpu" if args.cpu else None)
+    try:
+        state = engine.load_checkpoint(checkpoint)
+        experiment = config.Experiment.from_dict(state["experiment"])
+        model = engine.build_model(experiment)
+        engine.load_weights(model, state["model"], str(checkpoint))
+        model.to(env.device)
+        if args.ann_file is not None:
+            if args.image_dir is None:
+                raise ValueError("--ann-file needs --image-dir")
+            sizes = (experiment.data.min_size, experiment.data.max_size)
+            dataset = data.CocoDetection(
+                args.ann_file, args.image_dir, data.eval_transforms(*sizes)
+            )
+        else:
+            dataset = engine.build_datasets(experiment)[1]
+        if dataset.num_classes != experiment.model.num_classes:
+            raise ValueError(
+                f"{dataset.ann_file} has {dataset.num_classes} categories, the model "
+                f"{experiment.model.num_classes}"
+            )
+        results = engine.detect_dataset(
+            model, dataset, batch_size=args.batch_size, env=env, progress=not args.no_progress
+        )
+        if env.is_main:
+            metrics = evaluate.coco_evaluate(dataset.ann_file, results)
+            print(
+                f"{checkpoint} (step {state['step']}) on {dataset.ann_file}: "
+                f"{len(results)} detections on {len(dataset)} images"
+            )
+            _print_metrics(metrics)
+            if args.tide:
+                from .tide import tide_errors
+
+                errors = tide_errors(dataset.ann_file, results)
+                main_errors = ", ".join(f"{k} {v:.2f}" for k, v in errors["main"].items())
+                print(f"TIDE dAP: {main_errors}")
+            if args.save is not None:
+                args.save.mkdir(parents=True, exist_ok=True)
+                evaluate.write_detections(results, args.save / engine.DETECTIONS)
+                (args.save / engine.METRICS).write_text(json.dumps(metrics, indent=1))
+                print(f"wrote {args.save / engine.DETECTIONS} and {args.save / engine.METRICS}")
+    finally:
+        dist.cleanup()
+    return 0
+
+
+def _add_train_parser(commands) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train and evaluate an experiment (cached runs are reused)",
+        description=TRAIN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument(
+        "experiment",
+        nargs="?",
+        default="paa",
+        choices=sorted(config.EXPERIMENTS),
+        help="the named experiment (default: paa, the PAA baseline)",
+    )
+    train.add_argument(
+        "--profile",
+        choices=config.PROFILES,
+        default=None,
+        help="settings and data (default: $COLAD_PROFILE, else quick)",
+    )
+    train.add_argument("--backbone", default=None, help="e.g. resnet18, resnet50, efficientnet_b0")
+    group = train.add_argument_group("schedule overrides")
+    group.add_argument("--epochs", type=int, help="passes over the training set")
+    group.add_argument("--max-steps", type=int, help="stop after this many steps instead")
+    group.add_argument("--batch-size", type=int, help="images per step, over all processes")
+    group.add_argument("--lr", type=float, help="peak learning rate (0.01 x batch / 16)")
+    group.add_argument("--seed", type=int, help="initialisation, data order and augmentation")
+    group.add_argument("--grad-clip", type=float, help="clip the gradient norm (0: off)")
+    group.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mixed precision on CUDA (default: on)",
+    )
+    group.add_argument("--eval-every-epoch", action="store_true", help="also evaluate per epoch")
+    group.add_argument("--workers", type=int, help="data-loading processes per training process")
+    runs = train.add_argument_group("the run directory")
+    runs.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run directory (default: <data root>/runs/<name>-<key>)",
+    )
+    runs.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN_DIR",
+        help="continue an unfinished run from its checkpoint; with RUN_DIR, that "
+        "run's own settings are used",
+    )
+    runs.add_argument("--restart", action="store_true", help="discard an unfinished run")
+    runs.add_argument("--redo", action="store_true", help="train again even if a run is complete")
+    runs.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also checkpoint every STEPS steps (default: each epoch)",
+    )
+    train.add_argument(
+        "--cpu", action="store_true", help="train on the CPU even if CUDA is present"
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(run=_cmd_train)
+
+    ev = commands.add_parser(
+        "eval",
+        help="evaluate a run directory or a checkpoint",
+        description="Detect on a dataset with a trained checkpoint and print the COCO metrics "
+        "(pycocotools). By default the dataset is the run's own validation split; --ann-file "
+        "and --image-dir name another COCO-format dataset with the same categories. Works under "
+        "torchrun too (each process detects its share).",
+    )
+    ev.add_argument("source", help="a run directory or a checkpoint.pt")
+    ev.add_argument("--ann-file", type=Path, default=None, help="a COCO annotation json")
+    ev.add_argument("--image-dir", type=Path, default=None, help="its image folder")
+    ev.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    ev.add_argument("--tide", action="store_true", help="also print TIDE's error breakdown")
+    ev.add_argument(
+        "--save",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write detections.json and metrics.json into DIR",
+    )
+    ev.add_argument(
+        "--cpu", action="store_true", help="evaluate on the CPU even if CUDA is present"
+    )
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(run=_cmd_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(run=_cmd_check)
 
+    _add_train_parser(commands)
+
     bench = commands.add_parser(
         "bench",
         help="benchmarks against reference implementations",
@@ -262,13 +523,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     from .data import DatasetError
+    from .engine import CheckpointError, TrainingDiverged
 
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)
-    except (DatasetError, ValueError) as e:
+    except (DatasetError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -110,8 +110,11 @@ class Detector(nn.Module):
         valid = anchor_ops.valid_mask(
             sizes, self.strides, images.image_sizes, SIZE_DIVISIBLE, device=device
         )
+        # Under mixed precision the head computes in float16; assignment, losses and
+        # post-processing work in float32 (the mixture fit and the focal terms need the range).
+        head = {name: value.float() for name, value in self.head(features).items()}
         return Predictions(
-            head=self.head(features),
+            head=head,
             anchors=torch.cat(anchors),
             valid=valid,
             num_anchors_per_level=anchor_ops.num_anchors_per_level(sizes),

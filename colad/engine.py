@@ -1,8 +1,21 @@
-"""Training: devices, seeding and a short training loop.
+"""Training and evaluation, checkpoints and the run cache.
 
-:func:`train_steps` is the small loop that chapters use to get a briefly trained detector (for
-example, to look at realistic anchor costs). The full engine (schedules, checkpoints, the run
-cache, DDP) builds on it.
+:func:`run` is what chapters and the command line call: give it an :class:`~colad.config.Experiment`
+and it returns a :class:`RunResult` (metrics, per-step history, detections, checkpoint), training
+only when no complete run with the same key exists under ``<data root>/runs/<name>-<key>/``. The
+key hashes the experiment and the library's source, so a number in the book always comes from
+the code in the book.
+
+One run directory holds::
+
+    config.json      the experiment and its key (written first)
+    checkpoint.pt    model, optimizer, scheduler, AMP scaler, step, history (rewritten atomically)
+    history.json     one record per training step
+    detections.json  the validation detections, COCO results format
+    metrics.json     COCO metrics and run facts; written last, it marks the run complete
+
+The same code runs on one process or many (``torchrun``; see :mod:`colad.dist`): every process
+trains its share of each batch, rank 0 logs and writes, and evaluation is gathered to rank 0.
 """
 
 from __future__ import annotations
@@ -12,21 +25,55 @@ import json
 import math
 import os
 import random
-from collections.abc import Iterator
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torchvision.models.detection.image_list import ImageList
 from tqdm.auto import tqdm
 
-from colad import config, data
+from colad import config, data, dist, evaluate
+from colad.config import Experiment, TrainConfig
 from colad.data import collate
 
-__all__ = ["get_device", "seed_everything", "batches", "train_steps", "source_key",
-           "BriefRun", "briefly_trained"]  # fmt: skip
+__all__ = [
+    "get_device",
+    "seed_everything",
+    "lr_factor",
+    "build_datasets",
+    "build_model",
+    "CheckpointError",
+    "TrainingDiverged",
+    "RunExists",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_weights",
+    "train",
+    "detect_dataset",
+    "source_key",
+    "run_key",
+    "run_path",
+    "RunResult",
+    "load_run",
+    "run",
+]
+
+CHECKPOINT, CONFIG, HISTORY, METRICS, DETECTIONS = (
+    "checkpoint.pt",
+    "config.json",
+    "history.json",
+    "metrics.json",
+    "detections.json",
+)
+CHECKPOINT_FORMAT = 1
 
 
 def get_device() -> torch.device:
@@ -41,78 +88,461 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batches(
-    dataset: Dataset, batch_size: int, *, seed: int = 0, num_workers: int = 0
-) -> Iterator[tuple]:
-    """Endless shuffled batches ``(ImageList, targets)``, reshuffled every pass."""
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, collate_fn=collate, drop_last=True,
-        num_workers=num_workers, generator=generator,
-    )  # fmt: skip
-    if len(loader) == 0:
-        raise ValueError(f"{len(dataset)} images cannot fill one batch of {batch_size}")
-    while True:
-        yield from loader
+# ----------------------------------------------------------------------------------------------
+# Building blocks
 
 
-def _to(device: torch.device, images, targets: list[dict[str, Tensor]]):
-    images = images.to(device)
-    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+def lr_factor(step: int, train: TrainConfig, steps_per_epoch: int, total_steps: int) -> float:
+    """The learning rate at ``step`` as a fraction of ``train.lr``.
+
+    A linear warm-up from ``warmup_ratio`` to 1 over ``warmup_steps``, multiplied by the decay:
+    0.1 for every epoch of ``lr_steps`` already passed (``"step"``), or half a cosine from 1 to 0
+    over ``total_steps`` (``"cosine"``).
+    """
+    warm = 1.0
+    if step < train.warmup_steps:
+        warm = train.warmup_ratio + (1 - train.warmup_ratio) * step / train.warmup_steps
+    if train.schedule == "cosine":
+        decay = 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    else:
+        decay = 0.1 ** sum(step >= epoch * steps_per_epoch for epoch in train.lr_steps)
+    return warm * decay
+
+
+def build_datasets(experiment: Experiment) -> tuple[data.CocoDetection, data.CocoDetection, str]:
+    """The training set (with its augmentation, images without objects left out), the
+    validation set and a line naming the data."""
+    cfg = experiment.data
+    paths = {split: data.split_paths(cfg.profile, split) for split in ("train", "val")}
+    train_set = data.CocoDetection(
+        paths["train"].ann_file,
+        paths["train"].image_dir,
+        data.train_transforms(cfg.min_size, cfg.max_size, hflip=cfg.hflip),
+        drop_empty=True,
+    )
+    val_set = data.CocoDetection(
+        paths["val"].ann_file,
+        paths["val"].image_dir,
+        data.eval_transforms(cfg.min_size, cfg.max_size),
+    )
+    if train_set.num_classes != experiment.model.num_classes:
+        raise ValueError(
+            f"experiment {experiment.name!r} has num_classes={experiment.model.num_classes} but "
+            f"{paths['train'].ann_file} has {train_set.num_classes} categories"
+        )
+    return train_set, val_set, paths["train"].source
+
+
+def build_model(experiment: Experiment) -> nn.Module:
+    """The network an experiment trains (PAA assigning for itself: ``method="baseline"``)."""
+    from colad.detector import Detector
+
+    if experiment.method != "baseline":
+        raise ValueError(f"method {experiment.method!r} is not implemented; use 'baseline'")
+    return Detector(experiment.model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: unreadable, truncated, or for another architecture."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+class RunExists(RuntimeError):
+    """An unfinished run is in the way and nobody said whether to resume or restart it."""
+
+
+def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """Write ``state`` with ``torch.save`` atomically: a temporary file in the same folder,
+    flushed to disk, then renamed over ``path``. A crash leaves the old checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupt, or not a colad checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip archives, bad pickles and the like
+        raise CheckpointError(
+            f"{path}: cannot read the checkpoint, it is truncated or corrupt "
+            f"({type(e).__name__}: {e})"
+        ) from None
+    needed = {"format", "model", "experiment", "step"}
+    if not isinstance(state, dict) or not needed <= set(state):
+        raise CheckpointError(f"{path}: not a colad checkpoint (needs keys {sorted(needed)})")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: checkpoint format {state['format']}, expected {CHECKPOINT_FORMAT}"
+        )
+    return state
+
+
+def load_weights(model: nn.Module, weights: dict, source: str) -> None:
+    """Load ``weights`` into ``model`` strictly: every parameter and buffer, same shapes.
+
+    Raises:
+        CheckpointError: naming the missing, unexpected or mis-shaped tensors.
+    """
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [
+        f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+
+        def few(items):
+            return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
+
+        problems = [
+            f"{name}: {few(items)}"
+            for name, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+            if items
+        ]
+        raise CheckpointError(
+            f"{source} does not match the model's architecture; " + "; ".join(problems)
+        )
+    model.load_state_dict(weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def _to_device(device: torch.device, images, targets):
+    non_blocking = device.type == "cuda"
+    images = ImageList(images.tensors.to(device, non_blocking=non_blocking), images.image_sizes)
+    targets = [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in targets]
     return images, targets
 
 
-def train_steps(
+def _weights_digest(model: nn.Module) -> str:
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, payload) -> None:
+    """Write json atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+@torch.inference_mode()
+def detect_dataset(
     model: nn.Module,
-    dataset: Dataset,
+    dataset: data.CocoDetection,
     *,
-    steps: int,
     batch_size: int = 8,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
-    warmup_steps: int = 0,
-    seed: int = 0,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-) -> list[dict[str, float]]:
-    """Train ``model`` for ``steps`` SGD steps with a linear warm-up and cosine decay.
+    env: dist.DistEnv | None = None,
+    progress: bool = False,
+    num_workers: int = 0,
+) -> list[dict]:
+    """Detections on every image of ``dataset`` as COCO result dicts (original image pixels).
 
-    A step whose loss is not finite is skipped (no update) and recorded with ``skipped: True``.
-
-    Returns:
-        The history: one dict per step with ``step``, ``lr``, ``loss`` and each ``loss_*``.
+    Under ``torchrun`` each process detects its share and every process gets the whole list.
     """
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps={steps} and batch_size={batch_size} must be positive")
-    device = torch.device(device) if device is not None else get_device()
-    seed_everything(seed)
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    history = []
-    data = batches(dataset, batch_size, seed=seed)
-    bar = tqdm(range(steps), desc="training", disable=not progress, leave=False)
-    for step in bar:
-        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-        rate = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = rate
-        images, targets = _to(device, *next(data))
-        losses = model(images, targets)
-        loss = sum(v for k, v in losses.items() if k.startswith("loss_"))
-        record = {"step": step, "lr": rate, "loss": float(loss.detach())}
-        record.update({k: float(v.detach()) for k, v in losses.items()})
-        if not math.isfinite(record["loss"]):
-            history.append({**record, "skipped": True})
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
+    env = env or dist.current()
+    was_training = model.training
     model.eval()
-    return history
+    shard = Subset(dataset, dist.shard_indices(len(dataset), env))
+    loader = DataLoader(shard, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    results = []
+    bar = tqdm(loader, desc="evaluating", leave=False, disable=not (progress and env.is_main))
+    for images, targets in bar:
+        detections = model(images.to(env.device))
+        results += evaluate.detections_to_coco(detections, targets, dataset.index.category_ids)
+    model.train(was_training)
+    return dist.gather_lists(results)
+
+
+def _ema(previous: float, value: float, rate: float = 0.1) -> float:
+    return value if math.isnan(previous) else (1 - rate) * previous + rate * value
+
+
+@dataclass
+class _Progress:
+    """Rank 0's progress bar, showing the smoothed loss and the throughput."""
+
+    bar: tqdm
+    loss: float = math.nan
+    speed: float = math.nan
+
+    def update(self, record: dict, images: int) -> None:
+        if math.isfinite(record["loss"]):
+            self.loss = _ema(self.loss, record["loss"])
+        self.speed = _ema(self.speed, images / max(record["seconds"], 1e-9))
+        self.bar.set_postfix(loss=f"{self.loss:.3f}", img_s=f"{self.speed:.1f}", refresh=False)
+        self.bar.update()
+
+
+def train(
+    experiment: Experiment,
+    path: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    checkpoint_every: int = 0,
+    checkpoint_minutes: float = 20.0,
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """Train ``experiment`` into the run directory ``path``, evaluate it, and write the run's
+    files (see the module docstring). :func:`run` is the usual entry point.
+
+    Args:
+        resume: continue from ``path/checkpoint.pt`` (its experiment must be this one). A
+            checkpoint that cannot be read is reported and training starts over.
+        checkpoint_every: also checkpoint every this many steps (0: at the end of each epoch
+            and every ``checkpoint_minutes`` only).
+        log: where rank 0's messages go (default: above the progress bar).
+
+    Raises:
+        TrainingDiverged: ``max_nonfinite`` non-finite losses in a row.
+        CheckpointError: the checkpoint to resume belongs to another experiment.
+    """
+    path = Path(path)
+    env = dist.current()
+    cfg = experiment.train
+    log = log or tqdm.write
+    say = log if env.is_main else (lambda message: None)
+    seed_everything(cfg.seed)
+    train_set, val_set, source = build_datasets(experiment)
+    model = build_model(experiment).to(env.device)
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_set)} training images cannot fill one batch of {cfg.batch_size}"
+        )
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    schedule = partial(
+        lr_factor, train=cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    use_amp = cfg.amp and env.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    step, history, per_epoch, nonfinite, seconds = 0, [], [], 0, 0.0
+
+    checkpoint_file = path / CHECKPOINT
+    if resume and checkpoint_file.exists():
+        try:
+            state = load_checkpoint(checkpoint_file)
+        except CheckpointError as e:
+            say(f"{e}; starting the run over")
+        else:
+            if state["experiment"] != _plain(experiment):
+                raise CheckpointError(
+                    f"{checkpoint_file} belongs to another experiment "
+                    f"({state['experiment'].get('name')!r}); not resuming"
+                )
+            load_weights(model, state["model"], str(checkpoint_file))
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            step, history = state["step"], list(state["history"])
+            per_epoch, seconds = list(state["per_epoch"]), state["train_seconds"]
+            nonfinite = state["nonfinite_in_a_row"]
+            say(f"resuming {path.name} at step {step}/{total_steps}")
+    if env.is_main:
+        path.mkdir(parents=True, exist_ok=True)
+        payload = {"experiment": experiment.to_dict(), "key": run_key(experiment), "data": source}
+        _write_json(path / CONFIG, payload)
+
+    net = model
+    if env.distributed:
+        ids = [env.local_rank] if env.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    sampler = dist.EpochBatchSampler(
+        len(train_set), cfg.batch_size, rank=env.rank, world_size=env.world_size, seed=cfg.seed
+    )
+    loader = DataLoader(
+        dist.SeededItems(train_set, cfg.seed),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=experiment.data.num_workers,
+        pin_memory=env.device.type == "cuda",
+    )
+
+    def save() -> None:
+        if env.is_main:
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "experiment": _plain(experiment),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "step": step,
+                "epoch": step // steps_per_epoch,
+                "total_steps": total_steps,
+                "history": history,
+                "per_epoch": per_epoch,
+                "train_seconds": seconds,
+                "nonfinite_in_a_row": nonfinite,
+            }
+            save_checkpoint(checkpoint_file, state)
+            _write_json(path / HISTORY, history)
+
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc=experiment.name,
+        dynamic_ncols=True,
+        disable=not (progress and env.is_main),
+    )
+    shown = _Progress(bar)
+    last_save = time.monotonic()
+    model.train()
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch, skip=step % steps_per_epoch)
+        for images, targets in loader:
+            started = time.perf_counter()
+            images, targets = _to_device(env.device, images, targets)
+            with torch.autocast(env.device.type, dtype=torch.float16, enabled=use_amp):
+                losses = net(images, targets)
+            loss = sum(losses.values())
+            names = ["loss", *losses]
+            values = dist.mean_across(torch.stack([loss, *losses.values()]).float())
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "lr": scheduler.get_last_lr()[0],
+                **dict(zip(names, values.tolist(), strict=True)),
+            }
+            if math.isfinite(record["loss"]):
+                nonfinite = 0
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                nonfinite += 1
+                record["skipped"] = True
+                parts = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith("loss"))
+                say(
+                    f"step {step}: non-finite loss ({parts}); step skipped "
+                    f"({nonfinite} in a row, the run stops at {cfg.max_nonfinite})"
+                )
+            scheduler.step()
+            if env.device.type == "cuda":
+                torch.cuda.synchronize(env.device)
+            record["seconds"] = time.perf_counter() - started
+            seconds += record["seconds"]
+            history.append(record)
+            step += 1
+            if env.is_main:
+                shown.update(record, cfg.batch_size)
+            if nonfinite >= cfg.max_nonfinite:
+                save()
+                raise TrainingDiverged(
+                    f"{experiment.name}: {nonfinite} non-finite losses in a row (last at step "
+                    f"{step - 1}); the run stopped. Lower the learning rate ({cfg.lr}) or set "
+                    f"grad_clip; the checkpoint before the failure is in {path}"
+                )
+            epoch_done = step % steps_per_epoch == 0 or step == total_steps
+            if epoch_done and cfg.eval_every_epoch and step < total_steps:
+                detections = detect_dataset(
+                    model, val_set, env=env, batch_size=max(1, cfg.batch_size // env.world_size)
+                )
+                if env.is_main:
+                    metrics = evaluate.coco_evaluate(val_set.ann_file, detections)
+                    per_epoch.append({"epoch": epoch + 1, "step": step, **metrics})
+                    say(f"epoch {epoch + 1}: AP {metrics['AP']:.3f}, AP50 {metrics['AP50']:.3f}")
+            due = checkpoint_every and step % checkpoint_every == 0
+            late = time.monotonic() - last_save > 60 * checkpoint_minutes
+            if epoch_done or due or late:
+                save()
+                last_save = time.monotonic()
+            if step >= total_steps:
+                break
+    bar.close()
+
+    started = time.perf_counter()
+    detections = detect_dataset(
+        model,
+        val_set,
+        env=env,
+        progress=progress,
+        batch_size=max(1, cfg.batch_size // env.world_size),
+    )
+    digests = dist.gather_lists([_weights_digest(model)])
+    if env.is_main:
+        metrics = evaluate.coco_evaluate(val_set.ann_file, detections)
+        evaluate.write_detections(detections, path / DETECTIONS)
+        done = [h for h in history if not h.get("skipped")]
+        summary = {
+            "complete": True,
+            "key": run_key(experiment),
+            "name": experiment.name,
+            "metrics": metrics,
+            "per_epoch": per_epoch,
+            "steps": step,
+            "skipped_steps": len(history) - len(done),
+            "train_seconds": round(seconds, 2),
+            "eval_seconds": round(time.perf_counter() - started, 2),
+            "images_per_second": round(cfg.batch_size * len(history) / max(seconds, 1e-9), 2),
+            "device": _describe_device(env),
+            "world_size": env.world_size,
+            "replica_digests": digests,
+            "data": source,
+            "checkpoint_bytes": checkpoint_file.stat().st_size,
+        }
+        _write_json(path / METRICS, summary)
+        say(
+            f"{experiment.name}: AP {metrics['AP']:.3f}, AP50 {metrics['AP50']:.3f} "
+            f"({step} steps, {seconds:.0f} s) -> {path}"
+        )
+    dist.barrier()
+
+
+def _describe_device(env: dist.DistEnv) -> str:
+    if env.device.type == "cuda":
+        name = torch.cuda.get_device_name(env.device)
+    else:
+        name = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return f"{env.world_size} x {name}" if env.distributed else name
+
+
+# ----------------------------------------------------------------------------------------------
+# The run cache
 
 
 def source_key(*parts) -> str:
@@ -124,63 +554,146 @@ def source_key(*parts) -> str:
     return digest.hexdigest()[:10]
 
 
+def _plain(experiment: Experiment) -> dict:
+    """The experiment as json reads it back (lists, not tuples), for comparisons."""
+    return json.loads(json.dumps(experiment.to_dict()))
+
+
+def run_key(experiment: Experiment) -> str:
+    """The cache key of a run: the experiment's settings and the library's source."""
+    return source_key(experiment.to_dict())
+
+
+def run_path(experiment: Experiment) -> Path:
+    """``<data root>/runs/<name>-<key>``."""
+    return config.data_root() / "runs" / f"{experiment.name}-{run_key(experiment)}"
+
+
 @dataclass
-class BriefRun:
-    """A detector trained for a few minutes, with its data: ``model`` (in eval mode), ``train``
-    and ``val`` datasets, ``history`` (per step), ``source`` (which data) and ``path`` (its
-    cache folder)."""
+class RunResult:
+    """A finished run, as :func:`run` returns it.
 
-    model: nn.Module
-    train: Dataset
-    val: Dataset
-    history: list[dict[str, float]]
-    source: str
-    path: Path
-
-
-# Short schedules per profile: (image min side, max side, steps, batch, learning rate).
-_BRIEF = {"smoke": (96, 128, 40, 8, 0.02), "quick": (128, 192, 300, 16, 0.02),
-          "full": (800, 1333, 500, 8, 0.01)}  # fmt: skip
-
-
-def briefly_trained(profile: str, *, seed: int = 0, progress: bool = True) -> BriefRun:
-    """A PAA detector trained briefly on the profile's data, cached under
-    ``<data root>/runs/brief-<profile>-<key>`` (the key covers the settings and the library).
-
-    It is for looking at realistic costs and assignments, not for its accuracy.
+    Attributes:
+        experiment: what was run.
+        path: the run directory.
+        metrics: COCO metrics of the validation split (:func:`colad.evaluate.coco_evaluate`).
+        history: one dict per training step (``step``, ``epoch``, ``lr``, ``loss``, each
+            ``loss_*``, ``seconds``; ``skipped`` on skipped steps).
+        summary: the whole ``metrics.json`` (steps, timings, device, data, ...).
+        reused: loaded from the cache rather than trained by this call.
     """
-    from colad.detector import Detector
 
-    paths = {split: data.split_paths(profile, split) for split in ("train", "val")}
-    on_coco = paths["train"].source.startswith("COCO")
-    preset = profile if profile != "full" or on_coco else "quick"
-    min_size, max_size, steps, batch_size, lr = _BRIEF[preset]
-    transforms = data.eval_transforms(min_size, max_size)
-    train = data.CocoDetection(
-        paths["train"].ann_file, paths["train"].image_dir, transforms, drop_empty=True
-    )
-    val = data.CocoDetection(paths["val"].ann_file, paths["val"].image_dir, transforms)
-    model_config = config.model_preset(preset, train.num_classes)
-    settings = [preset, paths["train"].source, model_config.to_dict(), _BRIEF[preset], seed]
-    path = config.data_root() / "runs" / f"brief-{preset}-{source_key(*settings)}"
-    seed_everything(seed)
-    model = Detector(model_config)
-    weights, history_file = path / "model.pt", path / "history.json"
-    if weights.is_file() and history_file.is_file():
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        history = json.loads(history_file.read_text())
-    else:
-        history = train_steps(model, train, steps=steps, batch_size=batch_size, lr=lr,
-                              warmup_steps=steps // 10, seed=seed, progress=progress)  # fmt: skip
-        path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(history_file, json.dumps(history).encode())
-        tmp = weights.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, weights)
-    return BriefRun(model.cpu().eval(), train, val, history, paths["train"].source, path)
+    experiment: Experiment
+    path: Path
+    metrics: dict[str, float]
+    history: list[dict]
+    summary: dict
+    reused: bool
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def detections_path(self) -> Path:
+        return self.path / DETECTIONS
+
+    def load_model(self, device: str | torch.device = "cpu") -> nn.Module:
+        """The trained network, in eval mode."""
+        model = build_model(self.experiment)
+        load_weights(
+            model, load_checkpoint(self.checkpoint_path)["model"], str(self.checkpoint_path)
+        )
+        return model.to(device).eval()
+
+    def datasets(self) -> tuple[data.CocoDetection, data.CocoDetection]:
+        """The run's training and validation sets (with their transforms)."""
+        train_set, val_set, _ = build_datasets(self.experiment)
+        return train_set, val_set
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_run(path: str | Path, experiment: Experiment | None = None) -> RunResult | None:
+    """The complete run in ``path``, or ``None`` when it is missing, partial or corrupt.
+
+    Complete means: ``metrics.json`` marks it complete (with ``experiment``'s key when given),
+    ``config.json`` names the same experiment, ``history.json`` and ``detections.json`` parse,
+    and the checkpoint has the size recorded when the run finished.
+    """
+    path = Path(path)
+    summary, saved = _read_json(path / METRICS), _read_json(path / CONFIG)
+    if not isinstance(summary, dict) or summary.get("complete") is not True:
+        return None
+    if not isinstance(saved, dict) or "experiment" not in saved:
+        return None
+    if experiment is not None and (
+        summary.get("key") != run_key(experiment) or saved["experiment"] != _plain(experiment)
+    ):
+        return None
+    history = _read_json(path / HISTORY)
+    checkpoint = path / CHECKPOINT
+    if not isinstance(history, list) or _read_json(path / DETECTIONS) is None:
+        return None
+    if not checkpoint.is_file() or checkpoint.stat().st_size != summary.get("checkpoint_bytes"):
+        return None
+    try:
+        experiment = experiment or Experiment.from_dict(saved["experiment"])
+    except (ValueError, TypeError):
+        return None
+    return RunResult(experiment, path, summary["metrics"], history, summary, reused=True)
+
+
+def run(
+    experiment: Experiment,
+    *,
+    path: str | Path | None = None,
+    redo: bool = False,
+    on_partial: str = "resume",
+    progress: bool = True,
+    checkpoint_every: int = 0,
+) -> RunResult:
+    """Train and evaluate ``experiment``, or load its results if a complete run exists.
+
+    Args:
+        path: the run directory (default :func:`run_path`).
+        redo: train again even if a complete run exists (its directory is emptied).
+        on_partial: what to do with an unfinished run in ``path``: ``"resume"`` it from its
+            checkpoint (a checkpoint that cannot be read means starting over), ``"restart"`` it,
+            or raise :class:`RunExists` (``"error"``).
+        progress: show a progress bar.
+        checkpoint_every: see :func:`train`.
+
+    Under ``torchrun`` every process calls this; rank 0 writes and all return the result.
+    """
+    if on_partial not in ("resume", "restart", "error"):
+        raise ValueError(f"on_partial={on_partial!r}; choose 'resume', 'restart' or 'error'")
+    env = dist.current()
+    path = Path(path) if path is not None else run_path(experiment)
+    if not redo:
+        done = load_run(path, experiment)
+        if done is not None:
+            return done
+    leftovers = path.is_dir() and any(path.iterdir())
+    resume = False
+    if leftovers and not redo:
+        checkpoint = path / CHECKPOINT
+        if on_partial == "error":
+            state = "with a checkpoint" if checkpoint.exists() else "without a checkpoint"
+            raise RunExists(f"{path} holds an unfinished run ({state})")
+        resume = on_partial == "resume"
+    if leftovers and (redo or not resume):
+        if env.is_main:
+            shutil.rmtree(path)
+        dist.barrier()
+    train(experiment, path, resume=resume, progress=progress, checkpoint_every=checkpoint_every)
+    result = load_run(path, experiment)
+    if result is None:
+        raise RuntimeError(f"{path}: the run finished but its files are incomplete")
+    result.reused = False
+    return result

@@ -220,6 +220,7 @@ def write_detections(results: Sequence[dict], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
         json.dump(list(results), f)
+    os.chmod(f.name, 0o644)
     os.replace(f.name, path)
     return path
 
