@@ -143,21 +143,26 @@ def _cmd_bench_assign(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench_train(args: argparse.Namespace) -> int:
-
-    from .bench import bench_train
+def _cmd_bench_model(args: argparse.Namespace) -> int:
+    """``bench train`` and ``bench infer``: PAA against the matching RetinaNet."""
+    from . import bench
 
     if args.repeats < 1 or args.batch < 1 or min(args.size) < 32 or args.classes < 1:
         raise ValueError("--repeats, --batch and --classes must be positive, --size at least 32")
+    training = args.bench_command == "train"
     devices = _bench_devices(args)
     height, width = args.size
+    what = "training steps" if training else "inference passes"
     print(
         f"{args.backbone}, FPN {args.fpn_channels}, {height}x{width} px, batch {args.batch}, "
-        f"{args.classes} classes; median of {args.repeats} steps"
+        f"{args.classes} classes; median of {args.repeats} {what}"
     )
-    print(f"{'device':>7} {'PAA ms':>9} {'RetinaNet ms':>13} {'ratio':>6} {'assignment':>16}")
+    header = f"{'device':>7} {'PAA ms':>9} {'RetinaNet ms':>13} {'ratio':>6} {'PAA img/s':>10}"
+    print(header + (f" {'assignment':>16}" if training else ""))
     for device in devices:
-        r = bench_train(
+        amp = args.amp and device == "cuda"
+        measure = bench.bench_train if training else bench.bench_infer
+        r = measure(
             backbone=args.backbone,
             fpn_channels=args.fpn_channels,
             image_size=tuple(args.size),
@@ -165,12 +170,16 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
             num_classes=args.classes,
             repeats=args.repeats,
             device=device,
+            amp=amp,
         )
-        share = r["assign_ms"] / r["paa_ms"]
-        print(
-            f"{device:>7} {r['paa_ms']:>9.1f} {r['retinanet_ms']:>13.1f} {r['ratio']:>6.2f} "
-            f"{r['assign_ms']:>7.1f} ms ({share:.1%})"
+        label = device + (" amp" if amp else "")
+        line = (
+            f"{label:>7} {r['paa_ms']:>9.1f} {r['retinanet_ms']:>13.1f} {r['ratio']:>6.2f} "
+            f"{r['paa_images_s']:>10.1f}"
         )
+        if training:
+            line += f" {r['assign_ms']:>7.1f} ms ({r['assign_ms'] / r['paa_ms']:.1%})"
+        print(line)
     return 0
 
 
@@ -498,25 +507,36 @@ def build_parser() -> argparse.ArgumentParser:
     assign.add_argument("--cpu-only", action="store_true", help="skip the GPU even if present")
     assign.set_defaults(run=_cmd_bench_assign)
 
-    train = bench_commands.add_parser(
-        "train",
-        help="a PAA training step vs torchvision's RetinaNet",
-        description="Time one SGD step (forward, losses, backward, update) of the PAA detector and "
-        "of torchvision's RetinaNet built with the same ResNet, FPN width, P3-P7 levels and "
-        "GroupNorm towers (RetinaNet keeps its 9 anchors per location), on the same random images "
-        "and targets, alternating the two; print the medians, their ratio and the time of PAA's "
-        "assignment alone. Random weights: nothing is downloaded.",
+    common = (
+        "with the same ResNet, FPN width, P3-P7 levels and GroupNorm towers (RetinaNet keeps its "
+        "9 anchors per location), on the same random images, alternating the two; print the "
+        "medians, their ratio and PAA's images/s. Random weights: nothing is downloaded. "
+        "--size 800 1216 --amp on a GPU is the full profile's resolution."
     )
-    train.add_argument(
-        "--backbone", default="resnet18", choices=("resnet18", "resnet50", "resnet101")
-    )
-    train.add_argument("--fpn-channels", type=int, default=256, help="FPN and head width")
-    train.add_argument("--size", type=int, nargs=2, default=[512, 768], metavar=("H", "W"))
-    train.add_argument("--batch", type=int, default=2, help="images per step")
-    train.add_argument("--classes", type=int, default=80, help="number of classes")
-    train.add_argument("--repeats", type=int, default=10, help="timed steps of each (median)")
-    train.add_argument("--cpu-only", action="store_true", help="skip the GPU even if present")
-    train.set_defaults(run=_cmd_bench_train)
+    descriptions = {
+        "train": "Time one SGD step (forward, losses, backward, update) of the PAA detector and "
+        "of torchvision's RetinaNet " + common + " Also the time of PAA's assignment alone.",
+        "infer": "Time inference (network, decoding, NMS; PAA also its score voting) of the PAA "
+        "detector and of torchvision's RetinaNet " + common + " Score thresholds are 0 for "
+        "both, so both post-process their full top-1000 per level (random weights would "
+        "otherwise leave the amount of post-processing to chance).",
+    }
+    for name, description in descriptions.items():
+        sub = bench_commands.add_parser(
+            name, help=f"PAA {'training step' if name == 'train' else 'inference'} vs "
+            "torchvision's RetinaNet", description=description,
+        )  # fmt: skip
+        sub.add_argument(
+            "--backbone", default="resnet18", choices=("resnet18", "resnet50", "resnet101")
+        )
+        sub.add_argument("--fpn-channels", type=int, default=256, help="FPN and head width")
+        sub.add_argument("--size", type=int, nargs=2, default=[512, 768], metavar=("H", "W"))
+        sub.add_argument("--batch", type=int, default=2, help="images per step")
+        sub.add_argument("--classes", type=int, default=80, help="number of classes")
+        sub.add_argument("--repeats", type=int, default=10, help="timed runs of each (median)")
+        sub.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
+        sub.add_argument("--cpu-only", action="store_true", help="skip the GPU even if present")
+        sub.set_defaults(run=_cmd_bench_model)
     return parser
 
 

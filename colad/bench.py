@@ -3,16 +3,19 @@
 * ``python -m colad bench assign`` times :func:`colad.paa.split_candidates` against the reference
   implementations' approach, a scikit-learn ``GaussianMixture`` fitted per object in a Python
   loop, on the same inputs, and checks that both choose the same positives.
-* ``python -m colad bench train`` times a training step of the PAA detector against torchvision's
-  RetinaNet with the same backbone, FPN width, head depth, image size and batch.
+* ``python -m colad bench train`` and ``bench infer`` time a training step and inference of the
+  PAA detector against torchvision's RetinaNet with the same backbone, FPN width, head depth,
+  image size and batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,6 +30,7 @@ __all__ = [
     "format_table",
     "retinanet_like",
     "bench_train",
+    "bench_infer",
 ]
 
 
@@ -164,8 +168,6 @@ def retinanet_like(config, image_size: tuple[int, int]) -> torch.nn.Module:
     ``head_convs``-deep towers with GroupNorm (torchvision's v2 head). Its input transform is
     set to the image size, so it does not resize. Anchors stay torchvision's (9 per location).
     """
-    from functools import partial
-
     import torchvision
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
@@ -205,6 +207,33 @@ def _random_targets(batch: int, image_size: tuple[int, int], num_classes: int, s
     return targets
 
 
+def _paired_models(backbone, fpn_channels, image_size, batch, num_classes, device, seed):
+    """PAA and the matching RetinaNet on ``device``, with the same random images and targets."""
+    from colad.config import ModelConfig
+    from colad.detector import Detector
+
+    torch.manual_seed(seed)
+    config = ModelConfig(num_classes=num_classes, backbone=backbone, fpn_channels=fpn_channels)
+    models = {"paa": Detector(config), "retinanet": retinanet_like(config, image_size)}
+    for model in models.values():
+        model.to(device)
+    images = [torch.randn(3, *image_size, device=device) for _ in range(batch)]
+    targets = [{k: v.to(device) for k, v in t.items()}
+               for t in _random_targets(batch, image_size, num_classes, seed)]  # fmt: skip
+    return models, images, targets
+
+
+def _alternate(device: torch.device, steps: dict[str, Callable], repeats: int) -> dict[str, float]:
+    """Median milliseconds of each callable, run in turn ``repeats`` times after two warm-ups."""
+    times = {name: [] for name in steps}
+    for k in range(repeats + 2):
+        for name, step in steps.items():
+            elapsed = _seconds(device, step)
+            if k >= 2:
+                times[name].append(elapsed)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def bench_train(
     *,
     backbone: str = "resnet18",
@@ -214,50 +243,99 @@ def bench_train(
     num_classes: int = 80,
     repeats: int = 10,
     device: str | torch.device = "cpu",
+    amp: bool = False,
     seed: int = 0,
 ) -> dict:
     """Time one SGD step (forward, losses, backward, update) of PAA and of a matching RetinaNet,
     alternating them on the same images and targets.
 
+    Args:
+        amp: float16 autocast with a gradient scaler (CUDA only; ignored on the CPU).
+
     Returns:
         ``paa_ms``, ``retinanet_ms`` (medians), ``ratio`` (PAA / RetinaNet), ``assign_ms`` (the
-        median time of PAA's assignment alone) and the settings.
+        median time of PAA's assignment alone), ``paa_images_s``, ``retinanet_images_s`` and the
+        settings.
     """
-    from colad.config import ModelConfig
-    from colad.detector import Detector
-
     device = torch.device(device)
-    torch.manual_seed(seed)
-    config = ModelConfig(num_classes=num_classes, backbone=backbone, fpn_channels=fpn_channels)
-    models = {"paa": Detector(config), "retinanet": retinanet_like(config, image_size)}
-    images = [torch.randn(3, *image_size, device=device) for _ in range(batch)]
-    targets = [{k: v.to(device) for k, v in t.items()}
-               for t in _random_targets(batch, image_size, num_classes, seed)]  # fmt: skip
-    optimizers = {}
+    amp = amp and device.type == "cuda"
+    models, images, targets = _paired_models(
+        backbone, fpn_channels, image_size, batch, num_classes, device, seed
+    )
+    optimizers, scalers = {}, {}
     for name, model in models.items():
-        model.to(device).train()
+        model.train()
         optimizers[name] = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        scalers[name] = torch.amp.GradScaler("cuda", enabled=amp)
 
     def step(name: str) -> None:
-        losses = models[name](images, targets)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            losses = models[name](images, targets)
         optimizers[name].zero_grad()
-        sum(losses.values()).backward()
-        optimizers[name].step()
+        scalers[name].scale(sum(losses.values())).backward()
+        scalers[name].step(optimizers[name])
+        scalers[name].update()
 
-    times = {name: [] for name in models}
-    for k in range(repeats + 2):  # two warm-up rounds
-        for name in models:
-            elapsed = _seconds(device, step, name)
-            if k >= 2:
-                times[name].append(elapsed)
+    medians = _alternate(device, {name: partial(step, name) for name in models}, repeats)
     paa_model = models["paa"]
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
         predictions = paa_model.predict(images)
         assign = [_seconds(device, paa_model.assign, predictions, targets) for _ in range(repeats)]
-    paa_ms = statistics.median(times["paa"]) * 1e3
-    retina_ms = statistics.median(times["retinanet"]) * 1e3
+    return _timing_row(medians, batch, device, backbone, fpn_channels, image_size, amp,
+                       assign_ms=statistics.median(assign) * 1e3)  # fmt: skip
+
+
+def bench_infer(
+    *,
+    backbone: str = "resnet18",
+    fpn_channels: int = 256,
+    image_size: tuple[int, int] = (512, 768),
+    batch: int = 2,
+    num_classes: int = 80,
+    repeats: int = 10,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Time inference (network, decoding, NMS; PAA also its score voting) of PAA and of a
+    matching RetinaNet, alternating them on the same images.
+
+    Random weights give scores near the classification prior, so a score threshold would decide
+    alone how much post-processing runs (none for RetinaNet, all for PAA). Both thresholds are
+    therefore 0: each model keeps its top 1000 boxes per level, runs NMS (IoU 0.6) on them and
+    keeps 100 per image, the most post-processing either can do.
+
+    Returns:
+        Like :func:`bench_train`, without ``assign_ms``.
+    """
+    device = torch.device(device)
+    amp = amp and device.type == "cuda"
+    models, images, _ = _paired_models(
+        backbone, fpn_channels, image_size, batch, num_classes, device, seed
+    )
+    paa, retina = models["paa"], models["retinanet"]
+    paa.config = dataclasses.replace(paa.config, score_thresh=0.0)
+    retina.score_thresh, retina.nms_thresh = 0.0, paa.config.nms_thresh
+    retina.detections_per_img = paa.config.detections_per_img
+    retina.topk_candidates = paa.config.nms_pre
+
+    @torch.inference_mode()
+    def infer(name: str) -> None:
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            models[name](images)
+
+    for model in models.values():
+        model.eval()
+    medians = _alternate(device, {name: partial(infer, name) for name in models}, repeats)
+    return _timing_row(medians, batch, device, backbone, fpn_channels, image_size, amp)
+
+
+def _timing_row(medians, batch, device, backbone, fpn_channels, image_size, amp, **extra) -> dict:
+    paa_ms, retina_ms = medians["paa"], medians["retinanet"]
     return {
         "device": str(device), "backbone": backbone, "fpn_channels": fpn_channels,
-        "image_size": image_size, "batch": batch, "paa_ms": paa_ms, "retinanet_ms": retina_ms,
-        "ratio": paa_ms / retina_ms, "assign_ms": statistics.median(assign) * 1e3,
+        "image_size": tuple(image_size), "batch": batch, "amp": amp, "paa_ms": paa_ms,
+        "retinanet_ms": retina_ms, "ratio": paa_ms / retina_ms,
+        "paa_images_s": batch / paa_ms * 1e3, "retinanet_images_s": batch / retina_ms * 1e3,
+        **extra,
     }  # fmt: skip

@@ -279,9 +279,10 @@ def _paa_baseline(profile: str, backbone: str | None = None) -> Experiment:
     if profile == "full":
         data, train = DataConfig("full"), TrainConfig()
     elif profile == "quick":
-        # 4 epochs of the 4000 training images (1000 steps, about 4 minutes on 2 CPU cores).
-        data = DataConfig("quick", min_size=128, max_size=192, num_workers=1)
-        train = TrainConfig(epochs=4, batch_size=16, lr=0.03, warmup_steps=100,
+        # 900 steps of 16 images (3.6 epochs of the 4000 training images): about 4 minutes on
+        # 2 CPU cores. Loading in the training process is faster there than a worker process.
+        data = DataConfig("quick", min_size=128, max_size=192, num_workers=0)
+        train = TrainConfig(epochs=4, max_steps=900, batch_size=16, lr=0.03, warmup_steps=90,
                             schedule="cosine")  # fmt: skip
     else:
         data = DataConfig("smoke", min_size=96, max_size=128, num_workers=0)

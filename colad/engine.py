@@ -28,6 +28,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -128,7 +129,8 @@ def build_datasets(experiment: Experiment) -> tuple[data.CocoDetection, data.Coc
     if train_set.num_classes != experiment.model.num_classes:
         raise ValueError(
             f"experiment {experiment.name!r} has num_classes={experiment.model.num_classes} but "
-            f"{paths['train'].ann_file} has {train_set.num_classes} categories"
+            f"{paths['train'].ann_file} has {train_set.num_classes} categories "
+            f"(data: {paths['train'].source})"
         )
     return train_set, val_set, paths["train"].source
 
@@ -430,8 +432,8 @@ def train(
     while step < total_steps:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch, skip=step % steps_per_epoch)
+        tick = time.perf_counter()  # a step's time includes waiting for its batch
         for images, targets in loader:
-            started = time.perf_counter()
             images, targets = _to_device(env.device, images, targets)
             with torch.autocast(env.device.type, dtype=torch.float16, enabled=use_amp):
                 losses = net(images, targets)
@@ -461,10 +463,16 @@ def train(
                     f"step {step}: non-finite loss ({parts}); step skipped "
                     f"({nonfinite} in a row, the run stops at {cfg.max_nonfinite})"
                 )
-            scheduler.step()
+            with warnings.catch_warnings():
+                # Skipped steps (ours, or the AMP scaler's) advance the schedule without an
+                # optimizer step, which is what we want; PyTorch warns about it.
+                warnings.filterwarnings(
+                    "ignore", "Detected call of `lr_scheduler.step", UserWarning
+                )
+                scheduler.step()
             if env.device.type == "cuda":
                 torch.cuda.synchronize(env.device)
-            record["seconds"] = time.perf_counter() - started
+            record["seconds"] = time.perf_counter() - tick
             seconds += record["seconds"]
             history.append(record)
             step += 1
@@ -493,6 +501,7 @@ def train(
                 last_save = time.monotonic()
             if step >= total_steps:
                 break
+            tick = time.perf_counter()
     bar.close()
 
     started = time.perf_counter()

@@ -1,5 +1,5 @@
-"""Plotting for the book: boxes on images, sample grids, TIDE error bars, anchors, assignments
-and fitted mixtures.
+"""Plotting for the book: boxes on images, sample grids, TIDE error bars, anchors, assignments,
+fitted mixtures, training curves and detections.
 
 Functions take ``ax=None`` (a new figure is made) and return the ``Figure``; none calls
 ``plt.show()``. Only :func:`use_book_style` changes matplotlib's global settings, and only when
@@ -31,6 +31,8 @@ __all__ = [
     "plot_candidates",
     "plot_mixture",
     "mixture_explorer",
+    "plot_history",
+    "show_detections",
 ]
 
 #: One colour per role, used by every figure of the book.
@@ -387,6 +389,79 @@ def mixture_explorer(draw, num_objects: int):
 
     slider = ipywidgets.IntSlider(value=0, min=0, max=max(num_objects - 1, 0), description="object")
     return ipywidgets.interactive(show, index=slider)
+
+
+def plot_history(
+    history: Sequence[Mapping[str, float]],
+    *,
+    keys: Sequence[str] | None = None,
+    window: int = 25,
+    ax=None,
+):
+    """Training losses per step (a running mean over ``window`` steps; skipped steps left out),
+    with the learning rate on a second axis.
+
+    Args:
+        history: :attr:`colad.engine.RunResult.history`.
+        keys: the losses to draw (default: every ``loss_*`` and the total ``loss``).
+    """
+    fig, ax = _figure(ax)
+    kept = [h for h in history if not h.get("skipped")]
+    if not kept:
+        raise ValueError("plot_history: no finished step to plot")
+    keys = list(keys or [k for k in kept[0] if k.startswith("loss")])
+    steps = np.array([h["step"] for h in kept])
+    width = max(1, min(window, len(kept)))
+    kernel = np.ones(width) / width
+    for key in keys:
+        values = np.array([h[key] for h in kept], dtype=float)
+        smooth = np.convolve(values, kernel, mode="valid")
+        ax.plot(steps[width - 1 :], smooth, label=key, linewidth=1.4 if key == "loss" else 1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"loss (mean of {width} steps)")
+    rate = ax.twinx()
+    rate.plot(steps, [h["lr"] for h in kept], color="0.6", linestyle=":", label="learning rate")
+    rate.set_ylabel("learning rate", color="0.4")
+    rate.grid(False)
+    lines = ax.get_legend_handles_labels()
+    extra = rate.get_legend_handles_labels()
+    ax.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=8, loc="upper right")
+    return fig
+
+
+def show_detections(
+    model,
+    dataset,
+    indices: Sequence[int] = range(6),
+    *,
+    min_score: float = 0.3,
+    ncols: int = 3,
+    size: float = 2.6,
+):
+    """Detections of ``model`` (solid, with scores) over the ground truth (dashed) on items of a
+    :class:`colad.data.CocoDetection`.
+
+    Returns:
+        The ``Figure``.
+    """
+    indices = list(indices)
+    nrows = max(1, -(-len(indices) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    model.eval()
+    for ax, i in zip(axes.flat, indices, strict=False):
+        image, target = dataset[i]
+        with torch.no_grad():
+            found = model([image])[0]
+        keep = found["scores"] >= min_score
+        ax.imshow(to_display(image))
+        draw_boxes(ax, target["boxes"], color=ROLE_COLORS["gt"], linestyle="--", linewidth=1.0)
+        draw_boxes(ax, found["boxes"][keep], found["labels"][keep], names=dataset.names,
+                   scores=found["scores"][keep].tolist())  # fmt: skip
+        ax.set_title(f"{int(keep.sum())} detections, {len(target['boxes'])} objects", fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def _figure(ax):
