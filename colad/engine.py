@@ -26,7 +26,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -42,6 +41,13 @@ from torchvision.models.detection.image_list import ImageList
 from tqdm.auto import tqdm
 
 from colad import config, data, dist, evaluate
+from colad.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from colad.config import Experiment, TrainConfig
 from colad.data import collate
 
@@ -74,7 +80,6 @@ CHECKPOINT, CONFIG, HISTORY, METRICS, DETECTIONS = (
     "metrics.json",
     "detections.json",
 )
-CHECKPOINT_FORMAT = 1
 
 
 def get_device() -> torch.device:
@@ -145,11 +150,7 @@ def build_model(experiment: Experiment) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used: unreadable, truncated, or for another architecture."""
+# Failures
 
 
 class TrainingDiverged(RuntimeError):
@@ -158,81 +159,6 @@ class TrainingDiverged(RuntimeError):
 
 class RunExists(RuntimeError):
     """An unfinished run is in the way and nobody said whether to resume or restart it."""
-
-
-def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """Write ``state`` with ``torch.save`` atomically: a temporary file in the same folder,
-    flushed to disk, then renamed over ``path``. A crash leaves the old checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint`.
-
-    Raises:
-        CheckpointError: the file is missing, truncated, corrupt, or not a colad checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip archives, bad pickles and the like
-        raise CheckpointError(
-            f"{path}: cannot read the checkpoint, it is truncated or corrupt "
-            f"({type(e).__name__}: {e})"
-        ) from None
-    needed = {"format", "model", "experiment", "step"}
-    if not isinstance(state, dict) or not needed <= set(state):
-        raise CheckpointError(f"{path}: not a colad checkpoint (needs keys {sorted(needed)})")
-    if state["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path}: checkpoint format {state['format']}, expected {CHECKPOINT_FORMAT}"
-        )
-    return state
-
-
-def load_weights(model: nn.Module, weights: dict, source: str) -> None:
-    """Load ``weights`` into ``model`` strictly: every parameter and buffer, same shapes.
-
-    Raises:
-        CheckpointError: naming the missing, unexpected or mis-shaped tensors.
-    """
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    shapes = [
-        f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in weights and weights[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-
-        def few(items):
-            return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
-
-        problems = [
-            f"{name}: {few(items)}"
-            for name, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-            if items
-        ]
-        raise CheckpointError(
-            f"{source} does not match the model's architecture; " + "; ".join(problems)
-        )
-    model.load_state_dict(weights)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -438,7 +438,8 @@ def show_detections(
     ncols: int = 3,
     size: float = 2.6,
 ):
-    """Detections of ``model`` (solid, with scores) over the ground truth (dashed) on items of a
+    """Detections of ``model`` scoring at least ``min_score`` (solid, coloured by class, with
+    scores) over the ground truth (white, dashed) on items of a
     :class:`colad.data.CocoDetection`.
 
     Returns:
@@ -456,7 +457,7 @@ def show_detections(
             found = model([image])[0]
         keep = found["scores"] >= min_score
         ax.imshow(to_display(image))
-        draw_boxes(ax, target["boxes"], color=ROLE_COLORS["gt"], linestyle="--", linewidth=1.0)
+        draw_boxes(ax, target["boxes"], color="white", linestyle="--", linewidth=1.0)
         draw_boxes(ax, found["boxes"][keep], found["labels"][keep], names=dataset.names,
                    scores=found["scores"][keep].tolist())  # fmt: skip
         ax.set_title(f"{int(keep.sum())} detections, {len(target['boxes'])} objects", fontsize=8)
