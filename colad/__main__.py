@@ -171,6 +171,7 @@ def _cmd_bench_model(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             device=device,
             amp=amp,
+            **({} if training else {"candidates": args.candidates}),
         )
         label = device + (" amp" if amp else "")
         line = (
@@ -517,15 +518,19 @@ def build_parser() -> argparse.ArgumentParser:
         "train": "Time one SGD step (forward, losses, backward, update) of the PAA detector and "
         "of torchvision's RetinaNet " + common + " Also the time of PAA's assignment alone.",
         "infer": "Time inference (network, decoding, NMS; PAA also its score voting) of the PAA "
-        "detector and of torchvision's RetinaNet " + common + " Score thresholds are 0 for "
-        "both, so both post-process their full top-1000 per level (random weights would "
-        "otherwise leave the amount of post-processing to chance).",
+        "detector and of torchvision's RetinaNet " + common + " Random weights would leave "
+        "the amount of post-processing to chance (how many scores pass the threshold), so each "
+        "model's score threshold is set so that --candidates (box, class) pairs per image pass "
+        "it, as in a trained detector; both then keep their top 1000 anchors per level, run NMS "
+        "at IoU 0.6 and keep 100 detections.",
     }
     for name, description in descriptions.items():
         sub = bench_commands.add_parser(
-            name, help=f"PAA {'training step' if name == 'train' else 'inference'} vs "
-            "torchvision's RetinaNet", description=description,
-        )  # fmt: skip
+            name,
+            help=f"PAA {'training step' if name == 'train' else 'inference'} vs "
+            "torchvision's RetinaNet",
+            description=description,
+        )
         sub.add_argument(
             "--backbone", default="resnet18", choices=("resnet18", "resnet50", "resnet101")
         )
@@ -536,6 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--repeats", type=int, default=10, help="timed runs of each (median)")
         sub.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
         sub.add_argument("--cpu-only", action="store_true", help="skip the GPU even if present")
+        if name == "infer":
+            sub.add_argument(
+                "--candidates",
+                type=int,
+                default=1000,
+                help="(box, class) pairs per image that pass the score threshold",
+            )
         sub.set_defaults(run=_cmd_bench_model)
     return parser
 

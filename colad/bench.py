@@ -285,6 +285,30 @@ def bench_train(
                        assign_ms=statistics.median(assign) * 1e3)  # fmt: skip
 
 
+def _threshold_passing(scores: Tensor, count: int) -> float:
+    """The score threshold that about ``count`` entries of ``scores`` exceed."""
+    flat = scores.flatten().float()
+    return float(flat.topk(min(count, flat.numel())).values[-1]) * (1 - 1e-6)
+
+
+@torch.inference_mode()
+def _calibrate_thresholds(paa, retina, images: list[Tensor], per_image: int) -> None:
+    """Set both detectors' score thresholds so that about ``per_image`` (box, class) pairs per
+    image pass them, as in a trained detector at its usual threshold."""
+    count = per_image * len(images)
+    predictions = paa.predict(images)
+    head = predictions.head
+    paa_scores = torch.sqrt(
+        torch.sigmoid(head["cls_logits"]) * torch.sigmoid(head["iou_logits"])[..., None]
+    )
+    paa_scores = paa_scores * predictions.valid[..., None]
+    paa.config = dataclasses.replace(paa.config, score_thresh=_threshold_passing(paa_scores, count))
+    batch, _ = retina.transform(images)
+    features = list(retina.backbone(batch.tensors).values())
+    retina_scores = torch.sigmoid(retina.head(features)["cls_logits"])
+    retina.score_thresh = _threshold_passing(retina_scores, count)
+
+
 def bench_infer(
     *,
     backbone: str = "resnet18",
@@ -295,18 +319,20 @@ def bench_infer(
     repeats: int = 10,
     device: str | torch.device = "cpu",
     amp: bool = False,
+    candidates: int = 1000,
     seed: int = 0,
 ) -> dict:
     """Time inference (network, decoding, NMS; PAA also its score voting) of PAA and of a
     matching RetinaNet, alternating them on the same images.
 
-    Random weights give scores near the classification prior, so a score threshold would decide
-    alone how much post-processing runs (none for RetinaNet, all for PAA). Both thresholds are
-    therefore 0: each model keeps its top 1000 boxes per level, runs NMS (IoU 0.6) on them and
-    keeps 100 per image, the most post-processing either can do.
+    How much post-processing runs depends on how many (box, class) pairs pass the score
+    threshold, and with random weights that would be left to chance (scores sit near the
+    classification prior: RetinaNet's below its 0.05 threshold, PAA's geometric-mean scores
+    above it). So each model's threshold is set so that about ``candidates`` pairs per image pass
+    it; both keep their top 1000 anchors per level, run NMS at IoU 0.6 and keep 100 per image.
 
     Returns:
-        Like :func:`bench_train`, without ``assign_ms``.
+        Like :func:`bench_train`, without ``assign_ms``, with each model's ``*_threshold``.
     """
     device = torch.device(device)
     amp = amp and device.type == "cuda"
@@ -314,20 +340,22 @@ def bench_infer(
         backbone, fpn_channels, image_size, batch, num_classes, device, seed
     )
     paa, retina = models["paa"], models["retinanet"]
-    paa.config = dataclasses.replace(paa.config, score_thresh=0.0)
-    retina.score_thresh, retina.nms_thresh = 0.0, paa.config.nms_thresh
+    for model in models.values():
+        model.eval()
+    retina.nms_thresh = paa.config.nms_thresh
     retina.detections_per_img = paa.config.detections_per_img
     retina.topk_candidates = paa.config.nms_pre
+    _calibrate_thresholds(paa, retina, images, candidates)
 
     @torch.inference_mode()
     def infer(name: str) -> None:
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             models[name](images)
 
-    for model in models.values():
-        model.eval()
     medians = _alternate(device, {name: partial(infer, name) for name in models}, repeats)
-    return _timing_row(medians, batch, device, backbone, fpn_channels, image_size, amp)
+    return _timing_row(medians, batch, device, backbone, fpn_channels, image_size, amp,
+                       paa_threshold=paa.config.score_thresh,
+                       retinanet_threshold=retina.score_thresh)  # fmt: skip
 
 
 def _timing_row(medians, batch, device, backbone, fpn_channels, image_size, amp, **extra) -> dict:

@@ -228,12 +228,14 @@ def test_bench_infer_times_both_detectors_from_the_command_line(capsys):
     from colad.__main__ import main
     from colad.bench import bench_infer
 
-    result = bench_infer(fpn_channels=64, image_size=(64, 96), batch=1, num_classes=3, repeats=1)
+    result = bench_infer(fpn_channels=64, image_size=(64, 96), batch=1, num_classes=3, repeats=1,
+                         candidates=50)  # fmt: skip
     assert result["paa_ms"] > 0 and result["retinanet_ms"] > 0
+    assert 0 < result["retinanet_threshold"] < result["paa_threshold"] < 1
     assert result["ratio"] == pytest.approx(result["paa_ms"] / result["retinanet_ms"])
     assert result["paa_images_s"] == pytest.approx(1e3 / result["paa_ms"])
     argv = ["bench", "infer", "--fpn-channels", "64", "--size", "64", "96", "--batch", "1",
-            "--classes", "3", "--repeats", "1", "--cpu-only"]  # fmt: skip
+            "--classes", "3", "--repeats", "1", "--cpu-only", "--candidates", "50"]  # fmt: skip
     assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert "inference passes" in lines[1] and "ratio" in lines[2] and lines[3].split()[0] == "cpu"
