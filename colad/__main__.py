@@ -330,6 +330,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_process_options(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument(
+        "--cpu", action="store_true", help=f"{verb} on the CPU even if CUDA is present"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _add_train_parser(commands) -> None:
     train = commands.add_parser(
         "train",
@@ -391,10 +398,7 @@ def _add_train_parser(commands) -> None:
         metavar="STEPS",
         help="also checkpoint every STEPS steps (default: each epoch)",
     )
-    train.add_argument(
-        "--cpu", action="store_true", help="train on the CPU even if CUDA is present"
-    )
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_process_options(train, "train")
     train.set_defaults(run=_cmd_train)
 
     ev = commands.add_parser(
@@ -417,10 +421,7 @@ def _add_train_parser(commands) -> None:
         metavar="DIR",
         help="write detections.json and metrics.json into DIR",
     )
-    ev.add_argument(
-        "--cpu", action="store_true", help="evaluate on the CPU even if CUDA is present"
-    )
-    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_process_options(ev, "evaluate")
     ev.set_defaults(run=_cmd_eval)
 
 

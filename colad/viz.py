@@ -130,10 +130,7 @@ def show_samples(dataset, indices: Sequence[int] = range(6), *, ncols: int = 3, 
         The ``Figure``.
     """
     indices = list(indices)
-    nrows = max(1, -(-len(indices) // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    fig, axes = _image_grid(len(indices), ncols, size)
     for ax, i in zip(axes.flat, indices, strict=False):
         image, target = dataset[i]
         ax.imshow(to_display(image))
@@ -446,10 +443,7 @@ def show_detections(
         The ``Figure``.
     """
     indices = list(indices)
-    nrows = max(1, -(-len(indices) // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    fig, axes = _image_grid(len(indices), ncols, size)
     model.eval()
     for ax, i in zip(axes.flat, indices, strict=False):
         image, target = dataset[i]
@@ -463,6 +457,15 @@ def show_detections(
         ax.set_title(f"{int(keep.sum())} detections, {len(target['boxes'])} objects", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _image_grid(count: int, ncols: int, size: float):
+    """A figure with enough axes for ``count`` images, ``ncols`` per row, axes hidden."""
+    nrows = max(1, -(-count // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    return fig, axes
 
 
 def _figure(ax):

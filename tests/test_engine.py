@@ -246,24 +246,13 @@ def test_repeated_non_finite_losses_stop_the_run(in_data_root, tmp_path, monkeyp
 # Processes: kill and resume, torchrun
 
 
+#: ``python -m colad train`` of the smoke baseline, as torchrun's ``-m`` argument too.
+SMOKE_TRAIN = "-m colad train paa --profile smoke --no-progress".split()
+
+
 def _train_command(out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "colad",
-        "train",
-        "paa",
-        "--profile",
-        "smoke",
-        "--epochs",
-        "12",
-        "--checkpoint-every",
-        "3",
-        "--no-progress",
-        "--out",
-        str(out),
-        *extra,
-    ]
+    options = ["--epochs", "12", "--checkpoint-every", "3", "--out", str(out)]
+    return [sys.executable, *SMOKE_TRAIN, *options, *extra]
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_result(finished, data_root, tmp_path):
@@ -302,24 +291,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(finished, data_root, t
 
 def test_two_gloo_processes_under_torchrun_keep_identical_replicas(data_root, tmp_path):
     out = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "-m",
-        "colad",
-        "train",
-        "paa",
-        "--profile",
-        "smoke",
-        "--epochs",
-        "2",
-        "--cpu",
-        "--no-progress",
-        "--out",
-        str(out),
-    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    command = [*torchrun, *SMOKE_TRAIN, "--epochs", "2", "--cpu", "--out", str(out)]
     done = subprocess.run(
         command, env=env_with(data_root), capture_output=True, text=True, timeout=300
     )
