@@ -20,12 +20,14 @@ trains its share of each batch, rank 0 logs and writes, and evaluation is gather
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -70,6 +72,7 @@ __all__ = [
     "run_path",
     "RunResult",
     "load_run",
+    "exclusive",
     "run",
 ]
 
@@ -584,6 +587,57 @@ def load_run(path: str | Path, experiment: Experiment | None = None) -> RunResul
     return RunResult(experiment, path, summary["metrics"], history, summary, reused=True)
 
 
+def _lock_holder(lock: Path) -> str | None:
+    """Who holds ``lock`` (``"pid on host"``), or ``None`` if it is stale or unreadable."""
+    try:
+        pid_text, host = lock.read_text().split(maxsplit=1)
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # it exists, under another user
+    return f"{pid} on {host}"
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, *, poll: float = 2.0, log: Callable[[str], None] | None = None):
+    """Hold ``<path>.lock`` while the block runs, waiting while a live process holds it.
+
+    A lock left by a process that no longer exists (killed, crashed) is taken over. The lock
+    file holds the owner's pid and host; on another host the owner cannot be checked and is
+    assumed alive.
+    """
+    log = log or tqdm.write
+    lock = path.parent / f"{path.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    waiting = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is None:
+                lock.unlink(missing_ok=True)  # stale
+                continue
+            if not waiting:
+                log(f"{path.name} is being trained by process {holder}; waiting for it")
+                waiting = True
+            time.sleep(poll)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}")
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def run(
     experiment: Experiment,
     *,
@@ -605,28 +659,34 @@ def run(
         checkpoint_every: see :func:`train`.
 
     Under ``torchrun`` every process calls this; rank 0 writes and all return the result.
+    Otherwise a second process asking for a run that another one is training (two notebooks,
+    say) waits for it (:func:`exclusive`) and then loads the result.
     """
     if on_partial not in ("resume", "restart", "error"):
         raise ValueError(f"on_partial={on_partial!r}; choose 'resume', 'restart' or 'error'")
     env = dist.current()
     path = Path(path) if path is not None else run_path(experiment)
-    if not redo:
-        done = load_run(path, experiment)
-        if done is not None:
-            return done
-    leftovers = path.is_dir() and any(path.iterdir())
-    resume = False
-    if leftovers and not redo:
-        checkpoint = path / CHECKPOINT
-        if on_partial == "error":
-            state = "with a checkpoint" if checkpoint.exists() else "without a checkpoint"
-            raise RunExists(f"{path} holds an unfinished run ({state})")
-        resume = on_partial == "resume"
-    if leftovers and (redo or not resume):
-        if env.is_main:
-            shutil.rmtree(path)
-        dist.barrier()
-    train(experiment, path, resume=resume, progress=progress, checkpoint_every=checkpoint_every)
+    if not redo and (done := load_run(path, experiment)) is not None:
+        return done
+    # Two notebooks asking for the same run: the second waits for the first, then loads its
+    # result. (Under torchrun the processes of one job train together; no lock.)
+    lock = contextlib.nullcontext() if env.distributed else exclusive(path)
+    with lock:
+        if not redo and (done := load_run(path, experiment)) is not None:
+            return done  # finished by the process we waited for
+        leftovers = path.is_dir() and any(path.iterdir())
+        resume = False
+        if leftovers and not redo:
+            checkpoint = path / CHECKPOINT
+            if on_partial == "error":
+                state = "with a checkpoint" if checkpoint.exists() else "without a checkpoint"
+                raise RunExists(f"{path} holds an unfinished run ({state})")
+            resume = on_partial == "resume"
+        if leftovers and (redo or not resume):
+            if env.is_main:
+                shutil.rmtree(path)
+            dist.barrier()
+        train(experiment, path, resume=resume, progress=progress, checkpoint_every=checkpoint_every)
     result = load_run(path, experiment)
     if result is None:
         raise RuntimeError(f"{path}: the run finished but its files are incomplete")

@@ -9,9 +9,12 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -338,3 +341,40 @@ def test_mixed_precision_training_on_cuda(in_data_root, tmp_path):
     engine.train(smoke(epochs=2), tmp_path / "amp", progress=False)
     summary = json.loads((tmp_path / "amp" / engine.METRICS).read_text())
     assert summary["skipped_steps"] == 0 and "CPU" not in summary["device"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes asking for the same run
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process now
+    lock = tmp_path / "run.lock"
+    lock.write_text(f"{gone.pid} {socket.gethostname()}")
+    with engine.exclusive(tmp_path / "run", poll=0.01):
+        assert lock.read_text().split()[0] == str(os.getpid())
+    assert not lock.exists()
+
+
+def test_a_second_caller_waits_for_the_run_and_reuses_it(finished, tmp_path):
+    path, messages = tmp_path / "shared", []
+    holding = threading.Event()
+
+    def first_caller():  # trains the run (here: copies a finished one) while holding the lock
+        with engine.exclusive(path, log=messages.append):
+            holding.set()
+            time.sleep(0.5)
+            shutil.copytree(finished.path, path)
+
+    thread = threading.Thread(target=first_caller)
+    thread.start()
+    holding.wait()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            engine, "exclusive", partial(engine.exclusive, poll=0.05, log=messages.append)
+        )
+        second = engine.run(finished.experiment, path=path, progress=False)
+    thread.join()
+    assert second.reused and second.metrics == finished.metrics
+    assert len(messages) == 1 and "is being trained by process" in messages[0]
