@@ -215,6 +215,24 @@ def _train_experiment(args: argparse.Namespace):
     from .config import Experiment
 
     if isinstance(args.resume, str):
+        overrides = [
+            "backbone",
+            "epochs",
+            "max_steps",
+            "batch_size",
+            "lr",
+            "seed",
+            "amp",
+            "grad_clip",
+            "workers",
+            "out",
+        ]
+        given = [name for name in overrides if getattr(args, name) not in (None, False)]
+        if given or args.eval_every_epoch or args.profile:
+            raise ValueError(
+                "--resume RUN_DIR continues that run with its own settings; drop "
+                "the other settings (--" + ", --".join(given or ["profile"]) + ")"
+            )
         saved = Path(args.resume) / "config.json"
         if not saved.is_file():
             raise ValueError(f"--resume {args.resume}: no config.json there; not a run directory")
@@ -261,7 +279,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
         except engine.RunExists as e:
             raise ValueError(
-                f"{e}: pass --resume to continue it or --restart to discard it"
+                f"{e}; pass --resume to continue it or --restart to discard it"
             ) from None
         if env.is_main:
             summary = result.summary
@@ -283,6 +301,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     source = Path(args.source)
     checkpoint = source / engine.CHECKPOINT if source.is_dir() else source
+    if args.save is not None and (args.save / engine.CHECKPOINT).exists():
+        raise ValueError(
+            f"--save {args.save} is a run directory; its own results would be "
+            "replaced. Choose another folder"
+        )
     env = dist.setup("cpu" if args.cpu else None)
     try:
         state = engine.load_checkpoint(checkpoint)

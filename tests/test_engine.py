@@ -378,3 +378,14 @@ def test_a_second_caller_waits_for_the_run_and_reuses_it(finished, tmp_path):
     thread.join()
     assert second.reused and second.metrics == finished.metrics
     assert len(messages) == 1 and "is being trained by process" in messages[0]
+
+
+def test_command_line_refuses_ambiguous_requests(finished, in_data_root, capsys):
+    run_dir = str(finished.path)
+    assert main(["train", "--resume", run_dir, "--lr", "0.5"]) == 2
+    assert "continues that run with its own settings" in capsys.readouterr().err
+    assert main(["eval", run_dir, "--save", run_dir, "--no-progress"]) == 2
+    assert "is a run directory" in capsys.readouterr().err
+    assert engine.load_run(finished.path, finished.experiment) is not None  # untouched
+    assert main(["train", "--resume", run_dir, "--no-progress"]) == 0  # its own settings
+    assert f"reused the complete run in {run_dir}" in capsys.readouterr().out
