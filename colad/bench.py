@@ -295,13 +295,10 @@ def _threshold_passing(scores: Tensor, count: int) -> float:
 def _calibrate_thresholds(paa, retina, images: list[Tensor], per_image: int) -> None:
     """Set both detectors' score thresholds so that about ``per_image`` (box, class) pairs per
     image pass them, as in a trained detector at its usual threshold."""
+    from colad.detector import detection_scores
+
     count = per_image * len(images)
-    predictions = paa.predict(images)
-    head = predictions.head
-    paa_scores = torch.sqrt(
-        torch.sigmoid(head["cls_logits"]) * torch.sigmoid(head["iou_logits"])[..., None]
-    )
-    paa_scores = paa_scores * predictions.valid[..., None]
+    paa_scores = detection_scores(paa.predict(images))
     paa.config = dataclasses.replace(paa.config, score_thresh=_threshold_passing(paa_scores, count))
     batch, _ = retina.transform(images)
     features = list(retina.backbone(batch.tensors).values())

@@ -28,7 +28,7 @@ from colad.heads import PAAHead
 from colad.losses import paa_losses
 from colad.paa import Assignment, paa_assign
 
-__all__ = ["Predictions", "Detector", "postprocess", "score_voting"]
+__all__ = ["Predictions", "Detector", "detection_scores", "postprocess", "score_voting"]
 
 SIZE_DIVISIBLE = 32
 
@@ -225,6 +225,15 @@ def score_voting(
     return torch.where(total > 0, voted, boxes)  # a degenerate box votes for nothing: keep it
 
 
+def detection_scores(predictions: Predictions) -> Tensor:
+    """PAA's score of every (anchor, class), ``S = sqrt(sigmoid(cls) * sigmoid(iou))``
+    (ALGORITHMS.md §3.8), zero at anchors outside an image: Tensor[B, A, C]."""
+    head = predictions.head
+    cls_prob = torch.sigmoid(head["cls_logits"].float())
+    iou_prob = torch.sigmoid(head["iou_logits"].float())
+    return torch.sqrt(cls_prob * iou_prob[..., None]) * predictions.valid[..., None]
+
+
 def postprocess(
     predictions: Predictions, config: ModelConfig, box_coder: BoxCoder | None = None
 ) -> list[dict[str, Tensor]]:
@@ -242,10 +251,7 @@ def postprocess(
     """
     box_coder = box_coder or BoxCoder()
     head = predictions.head
-    cls_prob = torch.sigmoid(head["cls_logits"].float())
-    iou_prob = torch.sigmoid(head["iou_logits"].float())
-    scores = torch.sqrt(cls_prob * iou_prob[..., None])  # S, ALGORITHMS.md §3.8
-    scores = scores * predictions.valid[..., None]
+    scores = detection_scores(predictions)
     results = []
     for k, image_size in enumerate(predictions.image_sizes):
         keep = _top_per_level(scores[k].amax(-1), predictions.num_anchors_per_level, config.nms_pre)

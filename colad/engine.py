@@ -445,7 +445,6 @@ def train(
     if env.is_main:
         metrics = evaluate.coco_evaluate(val_set.ann_file, detections)
         evaluate.write_detections(detections, path / DETECTIONS)
-        done = [h for h in history if not h.get("skipped")]
         summary = {
             "complete": True,
             "key": run_key(experiment),
@@ -453,7 +452,7 @@ def train(
             "metrics": metrics,
             "per_epoch": per_epoch,
             "steps": step,
-            "skipped_steps": len(history) - len(done),
+            "skipped_steps": sum(1 for h in history if h.get("skipped")),
             "train_seconds": round(seconds, 2),
             "eval_seconds": round(time.perf_counter() - started, 2),
             "images_per_second": round(cfg.batch_size * len(history) / max(seconds, 1e-9), 2),
