@@ -9,6 +9,8 @@ Commands:
 * ``train`` -- train and evaluate a named experiment (the run cache of DESIGN.md: a complete run
   with the same settings and library source is reused); one process or many under ``torchrun``.
 * ``eval`` -- evaluate a run directory or a checkpoint on its validation split or any COCO file.
+* ``sweep`` -- train (or find in the run cache) named experiments over several seeds and print
+  mean ± std per experiment.
 * ``bench assign`` -- time PAA's batched mixture split against the reference implementations'
   per-object scikit-learn loop on the same inputs, and check that they agree.
 * ``bench train`` / ``bench infer`` -- time a PAA training step / inference against
@@ -21,10 +23,14 @@ Examples::
     python -m colad data check data/coco/annotations/instances_val2017.json \\
         --images data/coco/val2017
     COLAD_PROFILE=smoke python -m colad train paa
+    python -m colad train lad                       # the big network's assignment teaches
+    python -m colad train lad --teacher data/runs/paa-big-tiny-quick-<key>
+    python -m colad sweep paa-small lad kd solad --seeds 0 1 2
     torchrun --nproc_per_node=8 -m colad train paa --profile full --backbone resnet18
     python -m colad eval data/runs/paa-tiny-quick-<key>
     python -m colad bench assign --gts 10 100 1000
     python -m colad bench train --backbone resnet18 --size 512 768 --batch 2
+    python -m colad bench train --method lad --teacher-backbone resnet50
 """
 
 from __future__ import annotations
@@ -143,9 +149,51 @@ def _cmd_bench_assign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_method(args: argparse.Namespace) -> int:
+    """``bench train --method lad|colad``: the distillation step against the PAA steps."""
+    from . import bench
+    from .config import ModelConfig
+
+    if args.profile:  # the profile's small and big networks at its image size and batch
+        small = config.experiment("paa-small", args.profile)
+        big = config.experiment("paa-big", args.profile)
+        size = (small.data.max_size, small.data.max_size)
+        batch = args.batch or small.train.batch_size
+        student, other = small.model, big.model
+    else:
+        size, batch = tuple(args.size), args.batch or 2
+        fields = {"num_classes": args.classes, "fpn_channels": args.fpn_channels}
+        student = ModelConfig(backbone=args.backbone, **fields)
+        other = ModelConfig(backbone=args.teacher_backbone, **fields)
+    role = "teacher" if args.method == "lad" else "network 2"
+    print(f"{args.method}: student {_describe_net(student)}, {role} {_describe_net(other)}; "
+          f"{size[0]}x{size[1]} px, batch {batch}; median of {args.repeats} steps")  # fmt: skip
+    for device in _bench_devices(args):
+        r = bench.bench_method(args.method, student, other, image_size=size, batch=batch,
+                               repeats=args.repeats, device=device, amp=args.amp)  # fmt: skip
+        parts = ", ".join(
+            f"{k[:-3]} {v:.1f} ms" for k, v in r.items() if k.endswith("_ms") and
+            k not in ("method_ms", "reference_ms")
+        )  # fmt: skip
+        print(f"{device}{' amp' if r['amp'] else ''}: {parts}")
+        print(f"  {args.method} / reference = {r['method_ms']:.1f} / {r['reference_ms']:.1f} ms"
+              f" = {r['ratio']:.3f} (target <= {r['target']})")  # fmt: skip
+    return 0
+
+
+def _describe_net(model) -> str:
+    if model.backbone == "tiny":
+        return f"tiny {'-'.join(map(str, model.widths))}, FPN {model.fpn_channels}"
+    return f"{model.backbone}, FPN {model.fpn_channels}"
+
+
 def _cmd_bench_model(args: argparse.Namespace) -> int:
     """``bench train`` and ``bench infer``: PAA against the matching RetinaNet."""
     from . import bench
+
+    if getattr(args, "method", None):
+        return _cmd_bench_method(args)
+    args.batch = args.batch or 2
 
     if args.repeats < 1 or args.batch < 1 or min(args.size) < 32 or args.classes < 1:
         raise ValueError("--repeats, --batch and --classes must be positive, --size at least 32")
@@ -226,6 +274,7 @@ def _train_experiment(args: argparse.Namespace):
             "grad_clip",
             "workers",
             "out",
+            "teacher",
         ]
         given = [name for name in overrides if getattr(args, name) not in (None, False)]
         if given or args.eval_every_epoch or args.profile:
@@ -238,6 +287,9 @@ def _train_experiment(args: argparse.Namespace):
             raise ValueError(f"--resume {args.resume}: no config.json there; not a run directory")
         return Experiment.from_dict(json.loads(saved.read_text())["experiment"])
     options = {"backbone": args.backbone} if args.backbone else {}
+    if args.teacher:
+        _check_teacher_option(args.experiment, args.profile)
+        options["teacher"] = args.teacher
     experiment = config.experiment(args.experiment, args.profile, **options)
     train = {
         "epochs": args.epochs,
@@ -310,8 +362,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         state = engine.load_checkpoint(checkpoint)
         experiment = config.Experiment.from_dict(state["experiment"])
-        model = engine.build_model(experiment)
-        engine.load_weights(model, state["model"], str(checkpoint))
+        model = engine.build_model(experiment, args.network)
+        weights = engine.network_weights(state["model"], experiment, args.network)
+        engine.load_weights(model, weights, str(checkpoint))
         model.to(env.device)
         if args.ann_file is not None:
             if args.image_dir is None:
@@ -353,6 +406,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_teacher_option(name: str, profile: str | None) -> None:
+    if not config.experiment(name, profile).distill.teacher:
+        raise ValueError(f"--teacher: experiment {name!r} has no teacher to replace (those with "
+                         "one: lad, lad-up, kd, solad)")  # fmt: skip
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from . import sweep
+
+    options = {k: v for k, v in (("backbone", args.backbone),) if v}
+    if args.teacher:
+        for name in args.experiments:
+            _check_teacher_option(name, args.profile)
+        options["teacher"] = args.teacher
+    result = sweep.sweep(
+        args.experiments, args.seeds, profile=args.profile, jobs=args.jobs, **options
+    )
+    summary = result.summary(args.metrics)
+    columns = ["experiment", "network", "seeds", *args.metrics, "train s"]
+    print(summary[columns].to_string(index=False))
+    return 0
+
+
 def _add_process_options(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument(
         "--cpu", action="store_true", help=f"{verb} on the CPU even if CUDA is present"
@@ -381,6 +457,13 @@ def _add_train_parser(commands) -> None:
         help="settings and data (default: $COLAD_PROFILE, else quick)",
     )
     train.add_argument("--backbone", default=None, help="e.g. resnet18, resnet50, efficientnet_b0")
+    train.add_argument(
+        "--teacher",
+        default=None,
+        metavar="RUN_DIR|NAME",
+        help="the teacher of lad, lad-up, kd and solad: a run directory, a checkpoint or a "
+        "named experiment (its seed-0 run, trained first if needed)",
+    )
     group = train.add_argument_group("schedule overrides")
     group.add_argument("--epochs", type=int, help="passes over the training set")
     group.add_argument("--max-steps", type=int, help="stop after this many steps instead")
@@ -433,6 +516,12 @@ def _add_train_parser(commands) -> None:
         "torchrun too (each process detects its share).",
     )
     ev.add_argument("source", help="a run directory or a checkpoint.pt")
+    ev.add_argument(
+        "--network",
+        default=None,
+        choices=("net1", "net2"),
+        help="which of a CoLAD run's two networks (default: net1, the run's first)",
+    )
     ev.add_argument("--ann-file", type=Path, default=None, help="a COCO annotation json")
     ev.add_argument("--image-dir", type=Path, default=None, help="its image folder")
     ev.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
@@ -446,6 +535,48 @@ def _add_train_parser(commands) -> None:
     )
     _add_process_options(ev, "evaluate")
     ev.set_defaults(run=_cmd_eval)
+
+
+def _add_sweep_parser(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="train named experiments over seeds; mean ± std per experiment",
+        description="Train (or find in the run cache) every named experiment for every seed, "
+        "one progress line per run with the time left, then print mean ± std per experiment "
+        "(and per network for CoLAD). Named teachers are trained first. Runs land in the same "
+        "run directories as `train`, so the book reads them.",
+    )
+    sweep.add_argument(
+        "experiments",
+        nargs="+",
+        choices=sorted(config.EXPERIMENTS),
+        metavar="NAME",
+        help="named experiments: " + ", ".join(config.EXPERIMENTS),
+    )
+    sweep.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    sweep.add_argument(
+        "--profile",
+        choices=config.PROFILES,
+        default=None,
+        help="settings and data (default: $COLAD_PROFILE, else quick)",
+    )
+    sweep.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, each in its own process with cores/jobs threads",
+    )
+    sweep.add_argument("--backbone", default=None, help="override every experiment's backbone")
+    sweep.add_argument(
+        "--teacher",
+        default=None,
+        metavar="RUN_DIR|NAME",
+        help="override the teacher of the distillation experiments",
+    )
+    sweep.add_argument(
+        "--metrics", nargs="+", default=["AP", "AP50"], help="COCO metrics to summarise"
+    )
+    sweep.set_defaults(run=_cmd_sweep)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -508,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_cmd_check)
 
     _add_train_parser(commands)
+    _add_sweep_parser(commands)
 
     bench = commands.add_parser(
         "bench",
@@ -560,11 +692,35 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--fpn-channels", type=int, default=256, help="FPN and head width")
         sub.add_argument("--size", type=int, nargs=2, default=[512, 768], metavar=("H", "W"))
-        sub.add_argument("--batch", type=int, default=2, help="images per step")
+        sub.add_argument(
+            "--batch", type=int, default=None, help="images per step (default: 2; with "
+            "--profile, its batch)",
+        )  # fmt: skip
         sub.add_argument("--classes", type=int, default=80, help="number of classes")
         sub.add_argument("--repeats", type=int, default=10, help="timed runs of each (median)")
         sub.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
         sub.add_argument("--cpu-only", action="store_true", help="skip the GPU even if present")
+        if name == "train":
+            sub.add_argument(
+                "--method",
+                choices=("lad", "colad"),
+                default=None,
+                help="instead: time a LAD step against the student's PAA step plus the "
+                "teacher's forward pass, or a CoLAD step against the two networks' PAA steps",
+            )
+            sub.add_argument(
+                "--teacher-backbone",
+                default="resnet50",
+                choices=("resnet18", "resnet50", "resnet101"),
+                help="with --method: the teacher (lad) or network 2 (colad)",
+            )
+            sub.add_argument(
+                "--profile",
+                choices=("smoke", "quick"),
+                default=None,
+                help="with --method: time that profile's small and big networks at its image "
+                "size and batch instead of ResNets",
+            )
         if name == "infer":
             sub.add_argument(
                 "--candidates",

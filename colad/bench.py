@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from colad.config import ModelConfig
 from colad.paa import split_candidates
 
 __all__ = [
@@ -363,4 +364,84 @@ def _timing_row(medians, batch, device, backbone, fpn_channels, image_size, amp,
         "retinanet_ms": retina_ms, "ratio": paa_ms / retina_ms,
         "paa_images_s": batch / paa_ms * 1e3, "retinanet_images_s": batch / retina_ms * 1e3,
         **extra,
+    }  # fmt: skip
+
+
+def bench_method(
+    method: str,
+    student: ModelConfig,
+    other: ModelConfig,
+    *,
+    image_size: tuple[int, int] = (512, 768),
+    batch: int = 2,
+    repeats: int = 10,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Time a distillation step against the PAA steps it replaces, alternating them on the same
+    images and targets.
+
+    * ``"lad"``: the LAD step (student forward and backward, the frozen teacher's forward and
+      assignment) against the student's own PAA step and the teacher's forward pass alone; the
+      target is ``lad <= (student + teacher forward) x 1.1``.
+    * ``"colad"``: the CoLAD step (both networks, one switched assignment) against each
+      network's own PAA step; the target is ``colad <= (net 1 + net 2) x 1.05``.
+
+    Args:
+        student: the student (LAD) or network 1 (CoLAD).
+        other: the teacher (LAD) or network 2 (CoLAD).
+
+    Returns:
+        The medians in ms (``method_ms`` and the parts), ``reference_ms`` (the sum the target
+        multiplies), ``ratio`` (method / reference) and the settings.
+    """
+    from colad.detector import Detector
+    from colad.distill import CoLADPair, TeacherStudent, freeze
+
+    if method not in ("lad", "colad"):
+        raise ValueError(f"method {method!r}; choose 'lad' or 'colad'")
+    device = torch.device(device)
+    amp = amp and device.type == "cuda"
+    torch.manual_seed(seed)
+    first, second = Detector(student).to(device), Detector(other).to(device)
+    images = [torch.randn(3, *image_size, device=device) for _ in range(batch)]
+    targets = [{k: v.to(device) for k, v in t.items()}
+               for t in _random_targets(batch, image_size, student.num_classes, seed)]  # fmt: skip
+    if method == "lad":
+        trained = {"student": first, "lad": TeacherStudent(first, freeze(second), "lad", None)}
+    else:
+        trained = {"net1": first, "net2": second, "colad": CoLADPair(first, second)}
+    optimizers = {n: torch.optim.SGD(m.parameters(), lr=1e-5, momentum=0.9)
+                  for n, m in trained.items()}  # fmt: skip
+    scalers = {n: torch.amp.GradScaler("cuda", enabled=amp) for n in trained}
+
+    def step(name: str) -> None:
+        trained[name].train()
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            losses = trained[name](images, targets)
+        loss = sum(v for k, v in losses.items() if k.startswith("loss_"))
+        optimizers[name].zero_grad()
+        scalers[name].scale(loss).backward()
+        scalers[name].step(optimizers[name])
+        scalers[name].update()
+
+    @torch.inference_mode()
+    def teacher_forward() -> None:
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            second.predict(images)
+
+    steps = {name: partial(step, name) for name in trained}
+    if method == "lad":
+        steps["teacher_forward"] = teacher_forward
+    medians = _alternate(device, steps, repeats)
+    if method == "lad":
+        reference, target = medians["student"] + medians["teacher_forward"], 1.1
+    else:
+        reference, target = medians["net1"] + medians["net2"], 1.05
+    return {
+        "method": method, "device": str(device), "image_size": tuple(image_size), "batch": batch,
+        "amp": amp, **{f"{name}_ms": ms for name, ms in medians.items()},
+        "method_ms": medians[method], "reference_ms": reference,
+        "ratio": medians[method] / reference, "target": target,
     }  # fmt: skip

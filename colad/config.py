@@ -27,6 +27,9 @@ __all__ = [
     "model_preset",
     "DataConfig",
     "TrainConfig",
+    "METHODS",
+    "SWITCH_RULES",
+    "DistillConfig",
     "Experiment",
     "EXPERIMENTS",
     "experiment",
@@ -72,6 +75,9 @@ class _JsonConfig:
     """``to_dict``/``from_dict`` for the frozen config dataclasses: json-safe, tuples restored,
     nested configs rebuilt, unknown keys an error rather than silently dropped."""
 
+    #: Fields holding a config or ``None``, and the config class to rebuild them with.
+    _optional_configs: dict = {}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -93,6 +99,8 @@ class _JsonConfig:
             )
             if isinstance(default, _JsonConfig):
                 value = type(default).from_dict(value)
+            elif name in cls._optional_configs and value is not None:
+                value = cls._optional_configs[name].from_dict(value)
             elif isinstance(default, tuple) and isinstance(value, list):
                 value = tuple(value)
             kwargs[name] = value
@@ -254,12 +262,57 @@ class TrainConfig(_JsonConfig):
             )
 
 
+#: How one training step turns a batch into losses (ALGORITHMS.md §3-§6; :mod:`colad.distill`):
+#: ``baseline`` PAA assigns for itself; ``lad`` a frozen teacher's PAA assignment trains the
+#: student; ``kd`` the student learns the teacher's outputs (soft labels) and nothing else;
+#: ``solad`` LAD plus soft labels; ``colad`` two networks train together on one assignment whose
+#: costs a switch takes, per object and level, from one network or the other.
+METHODS = ("baseline", "lad", "kd", "solad", "colad")
+#: CoLAD's rules for which network's costs assign an (object, level): std/mean or Fisher.
+SWITCH_RULES = ("std_mean", "fisher")
+
+
+@dataclass(frozen=True)
+class DistillConfig(_JsonConfig):
+    """The settings of the distillation methods (unused by ``baseline``).
+
+    Attributes:
+        teacher: for ``lad``, ``kd`` and ``solad``: a named experiment (its seed-0 run in the same
+            profile, trained first if the run cache lacks it), a run directory or a checkpoint.
+        network2: for ``colad``: the second network (the experiment's ``model`` is the first,
+            whose metrics are the run's).
+        switch_rule: ``colad``'s switch, one of :data:`SWITCH_RULES`.
+        kd_cls_weight, kd_iou_weight, kd_box_weight: weights of the soft-label losses
+            (10, 10, 1.3 for ``kd``; 2, 10, 1.3 for ``solad``).
+        kd_gamma: focal exponent of the focal-KL loss (0.5).
+        kd_min_iou: a teacher box must overlap an object by more than this to be distilled
+            (0.1 for ``kd``, 0.5 for ``solad``).
+    """
+
+    _optional_configs = {"network2": ModelConfig}
+
+    teacher: str = ""
+    network2: ModelConfig | None = None
+    switch_rule: str = "std_mean"
+    kd_cls_weight: float = 10.0
+    kd_iou_weight: float = 10.0
+    kd_box_weight: float = 1.3
+    kd_gamma: float = 0.5
+    kd_min_iou: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.switch_rule not in SWITCH_RULES:
+            raise ValueError(
+                f"DistillConfig.switch_rule={self.switch_rule!r}; choose one of {SWITCH_RULES}"
+            )
+
+
 @dataclass(frozen=True)
 class Experiment(_JsonConfig):
     """A named, complete description of one training run: data, model, schedule and method.
 
-    ``method`` is ``"baseline"`` (PAA assigns for itself); later chapters add ``"lad"`` and
-    ``"colad"``.
+    ``method`` is one of :data:`METHODS`; ``distill`` holds the teacher (``lad``, ``kd``,
+    ``solad``) or the second network (``colad``).
     """
 
     name: str = "paa"
@@ -267,6 +320,21 @@ class Experiment(_JsonConfig):
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     method: str = "baseline"
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"Experiment {self.name!r}: method={self.method!r}; choose one of "
+                             f"{', '.join(METHODS)}")  # fmt: skip
+        wants_teacher = self.method in ("lad", "kd", "solad")
+        if wants_teacher != bool(self.distill.teacher):
+            need = "needs a teacher" if wants_teacher else "takes no teacher"
+            raise ValueError(f"Experiment {self.name!r}: method {self.method!r} {need} "
+                             f"(distill.teacher={self.distill.teacher!r})")  # fmt: skip
+        if (self.method == "colad") != (self.distill.network2 is not None):
+            need = "needs" if self.method == "colad" else "takes no"
+            raise ValueError(f"Experiment {self.name!r}: method {self.method!r} {need} "
+                             "distill.network2")  # fmt: skip
 
 
 def _paa_baseline(profile: str, backbone: str | None = None) -> Experiment:
@@ -292,8 +360,126 @@ def _paa_baseline(profile: str, backbone: str | None = None) -> Experiment:
     return Experiment(name=name, data=data, model=model, train=train)
 
 
+def _schedule(profile: str) -> tuple[DataConfig, TrainConfig]:
+    """Data and schedule of the distillation experiments, students and teachers alike.
+
+    ``full`` is the paper's 1x; ``quick`` is shorter than the baseline's 900 steps, so that the
+    many runs of the distillation chapters (methods x seeds) fit the book's budget; ``smoke`` is
+    a few steps for tests.
+    """
+    if profile == "full":
+        return DataConfig("full"), TrainConfig()
+    if profile == "quick":
+        data = DataConfig("quick", min_size=128, max_size=192, num_workers=0)
+        return data, TrainConfig(epochs=2, max_steps=QUICK_DISTILL_STEPS, batch_size=16, lr=0.03,
+                                 warmup_steps=40, schedule="cosine")  # fmt: skip
+    data = DataConfig("smoke", min_size=96, max_size=128, num_workers=0)
+    return data, TrainConfig(epochs=3, batch_size=8, lr=0.03, warmup_steps=4, schedule="cosine")
+
+
+#: Steps of every quick distillation run (students, their baselines, the CoLAD pairs).
+QUICK_DISTILL_STEPS = 350
+
+
+def _network(profile: str, size: str, backbone: str | None = None) -> ModelConfig:
+    """The two sizes of network the distillation experiments pair.
+
+    ``full``: ResNet-50 (small) and ResNet-101 (big), the paper's pair. ``quick`` and ``smoke``:
+    the baseline's own network is the big one; the small one halves every width.
+    """
+    num_classes = 80 if profile == "full" else 6
+    model = model_preset(profile, num_classes)
+    if profile == "full":
+        model = dataclasses.replace(model, backbone="resnet50" if size == "small" else "resnet101")
+    elif size == "small":
+        widths = tuple(w // 2 for w in model.widths)
+        model = dataclasses.replace(model, widths=widths, fpn_channels=model.fpn_channels // 2,
+                                    norm_groups=model.norm_groups // 2)  # fmt: skip
+    return model if backbone is None else dataclasses.replace(model, backbone=backbone)
+
+
+def _distill_experiment(
+    label: str, profile: str, size: str, method: str = "baseline", backbone: str | None = None,
+    **distill,
+) -> Experiment:  # fmt: skip
+    model = _network(profile, size, backbone)
+    data, train = _schedule(profile)
+    name = f"{label}-{model.backbone}-{profile}"
+    return Experiment(name=name, data=data, model=model, train=train, method=method,
+                      distill=DistillConfig(**distill))  # fmt: skip
+
+
+def _paa_sized(size: str):
+    def build(profile: str, backbone: str | None = None) -> Experiment:
+        if profile == "full":  # the paper's PAA-R50 / PAA-R101 1x: the baseline's own runs
+            return _paa_baseline(profile, backbone or _network(profile, size).backbone)
+        return _distill_experiment(f"paa-{size}", profile, size, backbone=backbone)
+
+    build.__doc__ = f"PAA alone, the {size} network of the distillation pairs."
+    return build
+
+
+def _big_teacher(profile: str) -> str:
+    """The teacher of the small students: PAA-R101 1x on COCO (the paper's); on the generated
+    benchmark, the baseline of the training chapter (the big network trained 900 steps), which
+    the book has trained already."""
+    return "paa-big" if profile == "full" else "paa"
+
+
+def _lad(profile: str, backbone: str | None = None, teacher: str | None = None) -> Experiment:
+    """LAD: the big network's PAA assignment trains the small one (ALGORITHMS.md §4)."""
+    teacher = teacher or _big_teacher(profile)
+    return _distill_experiment("lad", profile, "small", "lad", backbone, teacher=teacher)
+
+
+def _lad_up(profile: str, backbone: str | None = None, teacher: str = "paa-small") -> Experiment:
+    """LAD upwards: the small network's assignment trains the big one (the paper's Table 3)."""
+    return _distill_experiment("lad-up", profile, "big", "lad", backbone, teacher=teacher)
+
+
+def _kd(profile: str, backbone: str | None = None, teacher: str | None = None) -> Experiment:
+    """Soft labels alone: the small network learns the big one's outputs (ALGORITHMS.md §6.3)."""
+    teacher = teacher or _big_teacher(profile)
+    return _distill_experiment("kd", profile, "small", "kd", backbone, teacher=teacher)
+
+
+def _solad(profile: str, backbone: str | None = None, teacher: str | None = None) -> Experiment:
+    """SoLAD: LAD plus soft labels, with SoLAD's weights (ALGORITHMS.md §6.4)."""
+    teacher = teacher or _big_teacher(profile)
+    return _distill_experiment("solad", profile, "small", "solad", backbone, teacher=teacher,
+                               kd_cls_weight=2.0, kd_min_iou=0.5)  # fmt: skip
+
+
+def _colad_with(rule: str):
+    def build(profile: str, backbone: str | None = None) -> Experiment:
+        experiment = _distill_experiment(
+            "colad" if rule == "std_mean" else "colad-fisher", profile, "small", "colad",
+            backbone, network2=_network(profile, "big"), switch_rule=rule,
+        )  # fmt: skip
+        if profile == "full":  # the released recipe's 2x (its multi-scale resize is not here)
+            train = dataclasses.replace(experiment.train, epochs=24, lr_steps=(16, 22))
+            experiment = dataclasses.replace(experiment, train=train)
+        return experiment
+
+    build.__doc__ = (
+        f"CoLAD: the small and the big network co-train on one assignment, "
+        f"switched per (object, level) by the {rule} rule (ALGORITHMS.md §5)."
+    )
+    return build
+
+
 #: Named experiments: ``experiment(name, profile)`` builds them.
-EXPERIMENTS = {"paa": _paa_baseline}
+EXPERIMENTS = {
+    "paa": _paa_baseline,
+    "paa-small": _paa_sized("small"),
+    "paa-big": _paa_sized("big"),
+    "lad": _lad,
+    "lad-up": _lad_up,
+    "kd": _kd,
+    "solad": _solad,
+    "colad": _colad_with("std_mean"),
+    "colad-fisher": _colad_with("fisher"),
+}
 
 
 def experiment(name: str, profile: str | None = None, **options) -> Experiment:

@@ -139,8 +139,11 @@ class Detector(nn.Module):
             gamma=cfg.focal_gamma,
         )
 
-    def loss(self, predictions: Predictions, assignment: Assignment) -> dict[str, Tensor]:
-        """The PAA losses of these predictions under ``assignment``."""
+    def loss(
+        self, predictions: Predictions, assignment: Assignment, *, box_weighting: str = "iou"
+    ) -> dict[str, Tensor]:
+        """The PAA losses of these predictions under ``assignment`` (whoever made it);
+        ``box_weighting="mean"`` is LAD's plain GIoU mean (:func:`colad.losses.paa_losses`)."""
         cfg = self.config
         return paa_losses(
             predictions.head,
@@ -151,6 +154,7 @@ class Detector(nn.Module):
             iou_weight=cfg.iou_weight,
             alpha=cfg.focal_alpha,
             gamma=cfg.focal_gamma,
+            box_weighting=box_weighting,
         )
 
     def detect(self, predictions: Predictions) -> list[dict[str, Tensor]]:

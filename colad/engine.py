@@ -21,6 +21,7 @@ trains its share of each batch, rank 0 logs and writes, and evaluation is gather
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -52,13 +53,19 @@ from colad.checkpoint import (
 )
 from colad.config import Experiment, TrainConfig
 from colad.data import collate
+from colad.distill import build_trainee, check_compatible, freeze, networks
 
 __all__ = [
     "get_device",
     "seed_everything",
     "lr_factor",
     "build_datasets",
+    "network_names",
     "build_model",
+    "network_weights",
+    "build_trainee",
+    "teacher_key",
+    "load_teacher",
     "CheckpointError",
     "TrainingDiverged",
     "RunExists",
@@ -67,6 +74,7 @@ __all__ = [
     "load_weights",
     "train",
     "detect_dataset",
+    "detections_file",
     "source_key",
     "run_key",
     "run_path",
@@ -143,13 +151,101 @@ def build_datasets(experiment: Experiment) -> tuple[data.CocoDetection, data.Coc
     return train_set, val_set, paths["train"].source
 
 
-def build_model(experiment: Experiment) -> nn.Module:
-    """The network an experiment trains (PAA assigning for itself: ``method="baseline"``)."""
+def network_names(experiment: Experiment) -> list[str]:
+    """The networks a run trains and evaluates: ``["net1", "net2"]`` for CoLAD, else
+    ``["model"]`` (a student included). The first one's metrics are the run's."""
+    return ["net1", "net2"] if experiment.method == "colad" else ["model"]
+
+
+def build_model(experiment: Experiment, network: str | None = None) -> nn.Module:
+    """A new detector of one of the experiment's networks (default: the first of
+    :func:`network_names`), to evaluate or to load weights into."""
     from colad.detector import Detector
 
-    if experiment.method != "baseline":
-        raise ValueError(f"method {experiment.method!r} is not implemented; use 'baseline'")
-    return Detector(experiment.model)
+    names = network_names(experiment)
+    network = network or names[0]
+    if network not in names:
+        raise ValueError(f"{experiment.name} has networks {', '.join(names)}, not {network!r}")
+    return Detector(experiment.distill.network2 if network == "net2" else experiment.model)
+
+
+def network_weights(weights: dict, experiment: Experiment, network: str | None = None) -> dict:
+    """The weights of one network from a checkpoint's ``model`` entry (CoLAD's hold both)."""
+    network = network or network_names(experiment)[0]
+    if network == "model":
+        return weights
+    prefix = f"{network}."
+    return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Teachers
+
+
+def _teacher_source(experiment: Experiment) -> Experiment | Path:
+    """What ``distill.teacher`` names: a named experiment (its run in the same profile) or an
+    existing run directory or checkpoint."""
+    spec = experiment.distill.teacher
+    if spec in config.EXPERIMENTS:
+        return config.experiment(spec, experiment.data.profile)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ValueError(
+            f"{experiment.name}: teacher {spec!r} is neither a named experiment "
+            f"({', '.join(config.EXPERIMENTS)}) nor an existing run directory or checkpoint"
+        )
+    if path.is_dir() and load_run(path) is None:
+        raise ValueError(
+            f"{experiment.name}: teacher run {path} is not a complete run (no metrics.json "
+            "marking it complete, or its files do not match); finish it with "
+            f"`python -m colad train --resume {path}`"
+        )
+    return path
+
+
+def teacher_key(experiment: Experiment) -> str | None:
+    """What identifies the teacher in the student's run key: the teacher run's own key, or a
+    checkpoint file's hash (``None`` without a teacher)."""
+    if not experiment.distill.teacher:
+        return None
+    source = _teacher_source(experiment)
+    if isinstance(source, Experiment):
+        return run_key(source)
+    if source.is_dir():
+        return load_run(source).summary["key"]
+    digest = hashlib.sha1()
+    with open(source, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
+
+
+def load_teacher(experiment: Experiment, *, progress: bool = True) -> nn.Module:
+    """The experiment's teacher, loaded strictly, checked against the student and frozen.
+
+    A named teacher is taken from the run cache and trained first if it is not there.
+
+    Raises:
+        ValueError: no such teacher, or one whose anchors, classes or top-k differ from the
+            student's.
+        CheckpointError: the teacher's checkpoint is unreadable or does not fit its own
+            architecture.
+    """
+    source = _teacher_source(experiment)
+    if isinstance(source, Experiment):
+        model, name = run(source, progress=progress).load_model(), source.name
+    elif source.is_dir():
+        model, name = load_run(source).load_model(), str(source)
+    else:
+        state = load_checkpoint(source)
+        try:
+            saved = Experiment.from_dict(state["experiment"])
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{source}: its experiment cannot be read ({e})") from None
+        model, name = build_model(saved), str(source)
+        load_weights(model, network_weights(state["model"], saved), str(source))
+    check_compatible(model.config, experiment.model, (name, experiment.name))
+    return freeze(model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,6 +334,66 @@ class _Progress:
         self.bar.update()
 
 
+@dataclass
+class _Loop:
+    """What a run carries from step to step, and what its checkpoint restores."""
+
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    per_epoch: list = dataclasses.field(default_factory=list)
+    nonfinite: int = 0  # non-finite losses in a row
+    seconds: float = 0.0  # training time so far
+
+    def save(self) -> dict:
+        return {"step": self.step, "history": self.history, "per_epoch": self.per_epoch,
+                "train_seconds": self.seconds, "nonfinite_in_a_row": self.nonfinite}  # fmt: skip
+
+    def restore(self, state: dict) -> None:
+        self.step, self.history = state["step"], list(state["history"])
+        self.per_epoch, self.seconds = list(state["per_epoch"]), state["train_seconds"]
+        self.nonfinite = state["nonfinite_in_a_row"]
+
+
+def _optimise(net, images, targets, optimizer, scaler, params, cfg: TrainConfig, use_amp: bool):
+    """One step: the method's losses (through the possibly DDP-wrapped ``net``), their mean over
+    the processes for the record, and the update unless the loss is not finite.
+
+    Returns the step's record (without timing), with ``skipped`` when there was no update.
+    Entries of the method's output that are not ``loss_*`` (CoLAD's switch statistics) are
+    recorded but never back-propagated.
+    """
+    with torch.autocast(images.tensors.device.type, dtype=torch.float16, enabled=use_amp):
+        outputs = net(images, targets)
+    losses = {k: v for k, v in outputs.items() if k.startswith("loss_")}
+    loss = sum(losses.values())
+    names = ["loss", *losses, *(k for k in outputs if k not in losses)]
+    values = [loss, *losses.values(), *(v for k, v in outputs.items() if k not in losses)]
+    record = dict(zip(names, dist.mean_across(torch.stack(values).float()).tolist(), strict=True))
+    if math.isfinite(record["loss"]):
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        record["skipped"] = True
+    return record
+
+
+def _evaluate_networks(trainee, val_set, env, *, batch_size: int, progress: bool = False):
+    """Detections and COCO metrics (rank 0 only) of every network the run trains."""
+    results = {}
+    for name, network in networks(trainee).items():
+        detections = detect_dataset(
+            network, val_set, env=env, progress=progress, batch_size=batch_size
+        )
+        metrics = evaluate.coco_evaluate(val_set.ann_file, detections) if env.is_main else None
+        results[name] = (detections, metrics)
+    return results
+
+
 def train(
     experiment: Experiment,
     path: str | Path,
@@ -250,6 +406,10 @@ def train(
 ) -> None:
     """Train ``experiment`` into the run directory ``path``, evaluate it, and write the run's
     files (see the module docstring). :func:`run` is the usual entry point.
+
+    The experiment's method decides what one step trains (:mod:`colad.distill`): one network,
+    a student beside its frozen teacher (loaded, or trained through the run cache, first), or
+    CoLAD's two networks; all of them are checkpointed, resumed and evaluated.
 
     Args:
         resume: continue from ``path/checkpoint.pt`` (its experiment must be this one). A
@@ -267,9 +427,11 @@ def train(
     cfg = experiment.train
     log = log or tqdm.write
     say = log if env.is_main else (lambda message: None)
+    # The teacher first: training it (run cache) must not disturb the student's seeding.
+    teacher = load_teacher(experiment, progress=progress) if experiment.distill.teacher else None
     seed_everything(cfg.seed)
     train_set, val_set, source = build_datasets(experiment)
-    model = build_model(experiment).to(env.device)
+    model = build_trainee(experiment, teacher).to(env.device)
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
@@ -286,7 +448,8 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     use_amp = cfg.amp and env.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    step, history, per_epoch, nonfinite, seconds = 0, [], [], 0, 0.0
+    loop = _Loop()
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
 
     checkpoint_file = path / CHECKPOINT
     if resume and checkpoint_file.exists():
@@ -301,13 +464,10 @@ def train(
                     f"({state['experiment'].get('name')!r}); not resuming"
                 )
             load_weights(model, state["model"], str(checkpoint_file))
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            step, history = state["step"], list(state["history"])
-            per_epoch, seconds = list(state["per_epoch"]), state["train_seconds"]
-            nonfinite = state["nonfinite_in_a_row"]
-            say(f"resuming {path.name} at step {step}/{total_steps}")
+            for name in ("optimizer", "scheduler", "scaler"):
+                parts[name].load_state_dict(state[name])
+            loop.restore(state)
+            say(f"resuming {path.name} at step {loop.step}/{total_steps}")
     if env.is_main:
         path.mkdir(parents=True, exist_ok=True)
         payload = {"experiment": experiment.to_dict(), "key": run_key(experiment), "data": source}
@@ -327,71 +487,36 @@ def train(
         num_workers=experiment.data.num_workers,
         pin_memory=env.device.type == "cuda",
     )
+    eval_batch = max(1, cfg.batch_size // env.world_size)
 
     def save() -> None:
         if env.is_main:
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                "experiment": _plain(experiment),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step,
-                "epoch": step // steps_per_epoch,
-                "total_steps": total_steps,
-                "history": history,
-                "per_epoch": per_epoch,
-                "train_seconds": seconds,
-                "nonfinite_in_a_row": nonfinite,
-            }
+            state = {name: part.state_dict() for name, part in parts.items()}
+            state.update(format=CHECKPOINT_FORMAT, experiment=_plain(experiment),
+                         epoch=loop.step // steps_per_epoch, total_steps=total_steps,
+                         **loop.save())  # fmt: skip
             save_checkpoint(checkpoint_file, state)
-            _write_json(path / HISTORY, history)
+            _write_json(path / HISTORY, loop.history)
 
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc=experiment.name,
-        dynamic_ncols=True,
-        disable=not (progress and env.is_main),
-    )
+    bar = tqdm(total=total_steps, initial=loop.step, desc=experiment.name, dynamic_ncols=True,
+               disable=not (progress and env.is_main))  # fmt: skip
     shown = _Progress(bar)
     last_save = time.monotonic()
     model.train()
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch, skip=step % steps_per_epoch)
+    while loop.step < total_steps:
+        epoch = loop.step // steps_per_epoch
+        sampler.set_epoch(epoch, skip=loop.step % steps_per_epoch)
         tick = time.perf_counter()  # a step's time includes waiting for its batch
         for images, targets in loader:
             images, targets = _to_device(env.device, images, targets)
-            with torch.autocast(env.device.type, dtype=torch.float16, enabled=use_amp):
-                losses = net(images, targets)
-            loss = sum(losses.values())
-            names = ["loss", *losses]
-            values = dist.mean_across(torch.stack([loss, *losses.values()]).float())
-            record = {
-                "step": step,
-                "epoch": epoch,
-                "lr": scheduler.get_last_lr()[0],
-                **dict(zip(names, values.tolist(), strict=True)),
-            }
-            if math.isfinite(record["loss"]):
-                nonfinite = 0
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                nonfinite += 1
-                record["skipped"] = True
-                parts = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith("loss"))
-                say(
-                    f"step {step}: non-finite loss ({parts}); step skipped "
-                    f"({nonfinite} in a row, the run stops at {cfg.max_nonfinite})"
-                )
+            lr = scheduler.get_last_lr()[0]
+            outcome = _optimise(net, images, targets, optimizer, scaler, params, cfg, use_amp)
+            record = {"step": loop.step, "epoch": epoch, "lr": lr, **outcome}
+            loop.nonfinite = loop.nonfinite + 1 if record.get("skipped") else 0
+            if record.get("skipped"):
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith("loss"))
+                say(f"step {loop.step}: non-finite loss ({terms}); step skipped ({loop.nonfinite} "
+                    f"in a row, the run stops at {cfg.max_nonfinite})")  # fmt: skip
             with warnings.catch_warnings():
                 # Skipped steps (ours, or the AMP scaler's) advance the schedule without an
                 # optimizer step, which is what we want; PyTorch warns about it.
@@ -402,72 +527,84 @@ def train(
             if env.device.type == "cuda":
                 torch.cuda.synchronize(env.device)
             record["seconds"] = time.perf_counter() - tick
-            seconds += record["seconds"]
-            history.append(record)
-            step += 1
+            loop.seconds += record["seconds"]
+            loop.history.append(record)
+            loop.step += 1
             if env.is_main:
                 shown.update(record, cfg.batch_size)
-            if nonfinite >= cfg.max_nonfinite:
+            if loop.nonfinite >= cfg.max_nonfinite:
                 save()
                 raise TrainingDiverged(
-                    f"{experiment.name}: {nonfinite} non-finite losses in a row (last at step "
-                    f"{step - 1}); the run stopped. Lower the learning rate ({cfg.lr}) or set "
-                    f"grad_clip; the checkpoint before the failure is in {path}"
+                    f"{experiment.name}: {loop.nonfinite} non-finite losses in a row (last at "
+                    f"step {loop.step - 1}); the run stopped. Lower the learning rate ({cfg.lr}) "
+                    f"or set grad_clip; the checkpoint before the failure is in {path}"
                 )
-            epoch_done = step % steps_per_epoch == 0 or step == total_steps
-            if epoch_done and cfg.eval_every_epoch and step < total_steps:
-                detections = detect_dataset(
-                    model, val_set, env=env, batch_size=max(1, cfg.batch_size // env.world_size)
-                )
+            epoch_done = loop.step % steps_per_epoch == 0 or loop.step == total_steps
+            if epoch_done and cfg.eval_every_epoch and loop.step < total_steps:
+                evaluated = _evaluate_networks(model, val_set, env, batch_size=eval_batch)
                 if env.is_main:
-                    metrics = evaluate.coco_evaluate(val_set.ann_file, detections)
-                    per_epoch.append({"epoch": epoch + 1, "step": step, **metrics})
-                    say(f"epoch {epoch + 1}: AP {metrics['AP']:.3f}, AP50 {metrics['AP50']:.3f}")
-            due = checkpoint_every and step % checkpoint_every == 0
+                    metrics = {n: m for n, (_, m) in evaluated.items()}
+                    first = next(iter(metrics.values()))
+                    loop.per_epoch.append({"epoch": epoch + 1, "step": loop.step, **first,
+                                           "networks": metrics})  # fmt: skip
+                    say(f"epoch {epoch + 1}: AP {first['AP']:.3f}, AP50 {first['AP50']:.3f}")
+            due = checkpoint_every and loop.step % checkpoint_every == 0
             late = time.monotonic() - last_save > 60 * checkpoint_minutes
             if epoch_done or due or late:
                 save()
                 last_save = time.monotonic()
-            if step >= total_steps:
+            if loop.step >= total_steps:
                 break
             tick = time.perf_counter()
     bar.close()
 
     started = time.perf_counter()
-    detections = detect_dataset(
-        model,
-        val_set,
-        env=env,
-        progress=progress,
-        batch_size=max(1, cfg.batch_size // env.world_size),
-    )
+    evaluated = _evaluate_networks(model, val_set, env, batch_size=eval_batch, progress=progress)
     digests = dist.gather_lists([_weights_digest(model)])
     if env.is_main:
-        metrics = evaluate.coco_evaluate(val_set.ann_file, detections)
-        evaluate.write_detections(detections, path / DETECTIONS)
-        summary = {
-            "complete": True,
-            "key": run_key(experiment),
-            "name": experiment.name,
-            "metrics": metrics,
-            "per_epoch": per_epoch,
-            "steps": step,
-            "skipped_steps": sum(1 for h in history if h.get("skipped")),
-            "train_seconds": round(seconds, 2),
-            "eval_seconds": round(time.perf_counter() - started, 2),
-            "images_per_second": round(cfg.batch_size * len(history) / max(seconds, 1e-9), 2),
-            "device": _describe_device(env),
-            "world_size": env.world_size,
-            "replica_digests": digests,
-            "data": source,
-            "checkpoint_bytes": checkpoint_file.stat().st_size,
-        }
-        _write_json(path / METRICS, summary)
-        say(
-            f"{experiment.name}: AP {metrics['AP']:.3f}, AP50 {metrics['AP50']:.3f} "
-            f"({step} steps, {seconds:.0f} s) -> {path}"
-        )
+        _write_results(path, experiment, loop, evaluated, digests, env, source, say,
+                       eval_seconds=time.perf_counter() - started)  # fmt: skip
     dist.barrier()
+
+
+def _write_results(path, experiment, loop, evaluated, digests, env, source, say, *, eval_seconds):
+    """Rank 0's last files: detections of every network, then ``metrics.json`` (which marks the
+    run complete) with the first network's metrics as the run's and every network's beside."""
+    names = list(evaluated)
+    for name, (detections, _) in evaluated.items():
+        evaluate.write_detections(detections, path / detections_file(name, names))
+    metrics = evaluated[names[0]][1]
+    summary = {
+        "complete": True,
+        "key": run_key(experiment),
+        "name": experiment.name,
+        "metrics": metrics,
+        "networks": {name: m for name, (_, m) in evaluated.items()},
+        "per_epoch": loop.per_epoch,
+        "steps": loop.step,
+        "skipped_steps": sum(1 for h in loop.history if h.get("skipped")),
+        "train_seconds": round(loop.seconds, 2),
+        "eval_seconds": round(eval_seconds, 2),
+        "images_per_second": round(
+            experiment.train.batch_size * len(loop.history) / max(loop.seconds, 1e-9), 2
+        ),
+        "device": _describe_device(env),
+        "world_size": env.world_size,
+        "replica_digests": digests,
+        "data": source,
+        "checkpoint_bytes": (path / CHECKPOINT).stat().st_size,
+    }
+    _write_json(path / METRICS, summary)
+    say(
+        f"{experiment.name}: AP {metrics['AP']:.3f}, AP50 {metrics['AP50']:.3f} "
+        f"({loop.step} steps, {loop.seconds:.0f} s) -> {path}"
+    )
+
+
+def detections_file(network: str, names: list[str]) -> str:
+    """The detections file of ``network``: ``detections.json`` for the run's first network,
+    ``detections-<network>.json`` for the others."""
+    return DETECTIONS if network == names[0] else f"detections-{network}.json"
 
 
 def _describe_device(env: dist.DistEnv) -> str:
@@ -482,12 +619,19 @@ def _describe_device(env: dist.DistEnv) -> str:
 # The run cache
 
 
+#: Modules that cannot change what a run computes (figures, benchmarks, the sweep runner, the
+#: command line, TIDE analysis of finished detections): editing them keeps the run cache.
+NOT_IN_KEY = ("viz.py", "bench.py", "sweep.py", "__main__.py", "tide.py")
+
+
 def source_key(*parts) -> str:
-    """A short hash of ``parts`` (json-serialisable) and of every module of the library, so that a
-    cached result is redone whenever the code that made it changes."""
+    """A short hash of ``parts`` (json-serialisable) and of every library module that takes part
+    in training and evaluation (all but :data:`NOT_IN_KEY`), so that a cached result is redone
+    whenever the code that made it changes."""
     digest = hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode())
     for module in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(module.read_bytes())
+        if module.name not in NOT_IN_KEY:
+            digest.update(module.read_bytes())
     return digest.hexdigest()[:10]
 
 
@@ -497,8 +641,11 @@ def _plain(experiment: Experiment) -> dict:
 
 
 def run_key(experiment: Experiment) -> str:
-    """The cache key of a run: the experiment's settings and the library's source."""
-    return source_key(experiment.to_dict())
+    """The cache key of a run: the experiment's settings, its teacher's key (a changed teacher
+    trains a new student) and the library's source."""
+    teacher = teacher_key(experiment)
+    parts = (experiment.to_dict(),) if teacher is None else (experiment.to_dict(), teacher)
+    return source_key(*parts)
 
 
 def run_path(experiment: Experiment) -> Path:
@@ -535,11 +682,21 @@ class RunResult:
     def detections_path(self) -> Path:
         return self.path / DETECTIONS
 
-    def load_model(self, device: str | torch.device = "cpu") -> nn.Module:
-        """The trained network, in eval mode."""
-        model = build_model(self.experiment)
+    @property
+    def networks(self) -> dict[str, dict[str, float]]:
+        """The metrics of every network the run trained (one, or CoLAD's ``net1``, ``net2``)."""
+        return self.summary.get("networks") or {network_names(self.experiment)[0]: self.metrics}
+
+    def detections_of(self, network: str) -> Path:
+        """The detections file of one network."""
+        return self.path / detections_file(network, network_names(self.experiment))
+
+    def load_model(self, device: str | torch.device = "cpu", network: str | None = None):
+        """A trained network (default: the run's first), in eval mode."""
+        model = build_model(self.experiment, network)
+        weights = load_checkpoint(self.checkpoint_path)["model"]
         load_weights(
-            model, load_checkpoint(self.checkpoint_path)["model"], str(self.checkpoint_path)
+            model, network_weights(weights, self.experiment, network), str(self.checkpoint_path)
         )
         return model.to(device).eval()
 

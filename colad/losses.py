@@ -1,8 +1,9 @@
-"""Training losses of the PAA head: focal classification, IoU-weighted GIoU, IoU prediction.
+"""Training losses: focal classification, GIoU, IoU prediction, and the soft-label (KD) losses.
 
-Every loss is a sum with an explicit normaliser (ALGORITHMS.md §3.7), and every function takes
-an :class:`colad.paa.Assignment`, so whoever assigned the anchors (the network itself, a teacher)
-is invisible here.
+Every loss is a sum with an explicit normaliser (ALGORITHMS.md §3.7), and the hard-label losses
+take an :class:`colad.paa.Assignment`, so whoever assigned the anchors (the network itself, a
+teacher, a CoLAD switch) is invisible here. The soft-label losses (:func:`focal_kl`,
+:func:`kd_losses`) take a teacher's predictions instead.
 """
 
 from __future__ import annotations
@@ -10,12 +11,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import sigmoid_focal_loss
+from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from colad.boxes import BoxCoder, aligned_giou, aligned_iou
 from colad.paa import IGNORE, Assignment
 
-__all__ = ["classification_loss", "paa_losses"]
+__all__ = ["classification_loss", "paa_losses", "BOX_WEIGHTINGS", "focal_kl", "kd_losses"]
+
+#: How :func:`paa_losses` averages the GIoU loss over the positives: ``"iou"`` weights each box
+#: by its IoU and divides by their sum (self-assigning PAA); ``"mean"`` is the plain mean over the
+#: positives (LAD's student and both CoLAD networks, ALGORITHMS.md §4).
+BOX_WEIGHTINGS = ("iou", "mean")
 
 WEIGHT_FLOOR = 1e-12  # the IoU-weight clamp of ALGORITHMS.md §3.7
 
@@ -58,14 +64,17 @@ def paa_losses(
     iou_weight: float = 0.5,
     alpha: float = 0.25,
     gamma: float = 2.0,
+    box_weighting: str = "iou",
 ) -> dict[str, Tensor]:
-    """The losses of a self-assigning PAA head.
+    """The losses of a PAA head under an assignment.
 
     With ``P`` the positives and ``N_p = |P|``:
 
     * ``loss_cls`` = focal loss over all valid anchors and classes / ``max(N_p, B)``;
     * ``loss_bbox`` = ``giou_weight * sum_P t_i (1 - GIoU(b_i, B_i)) / sum_P t_i``, where
-      ``t_i = IoU(b_i, B_i)`` (detached) weights each box by how well it is already localised;
+      ``t_i = IoU(b_i, B_i)`` (detached) weights each box by how well it is already localised
+      (``box_weighting="iou"``, PAA); or ``giou_weight * sum_P (1 - GIoU(b_i, B_i)) / N_p``
+      (``"mean"``, LAD's student);
     * ``loss_iou`` = ``iou_weight * sum_P BCE(iou_logit_i, t_i) / N_p``.
 
     With no positive, the box and IoU losses are zero times the predictions' sum, so the graph
@@ -83,6 +92,8 @@ def paa_losses(
     Reference:
         Kim & Lee, ECCV 2020; ALGORITHMS.md §3.7.
     """
+    if box_weighting not in BOX_WEIGHTINGS:
+        raise ValueError(f"box_weighting={box_weighting!r}; choose one of {BOX_WEIGHTINGS}")
     box_coder = box_coder or BoxCoder()
     cls_logits = head_outputs["cls_logits"]
     deltas, iou_logits = head_outputs["bbox_regression"], head_outputs["iou_logits"]
@@ -100,10 +111,139 @@ def paa_losses(
     target_boxes = assignment.target_boxes(image, anchor)
     iou_targets = aligned_iou(boxes.detach(), target_boxes)  # t_i
     weight = iou_targets.clamp(min=WEIGHT_FLOOR)
+    if box_weighting == "mean":
+        weight = torch.ones_like(weight)
     giou = aligned_giou(boxes, target_boxes)
     losses["loss_bbox"] = giou_weight * (weight * (1 - giou)).sum() / weight.sum()
     bce = F.binary_cross_entropy_with_logits(
         iou_logits[image, anchor].float(), iou_targets, reduction="sum"
     )
     losses["loss_iou"] = iou_weight * bce / num_pos
+    return losses
+
+
+def focal_kl(logits: Tensor, targets: Tensor, gamma: float = 0.5) -> Tensor:
+    """Elementwise binary focal-KL divergence of soft targets from sigmoid predictions.
+
+    With ``p = sigmoid(logits)`` and ``t = targets``::
+
+        ((t - p)^2 + 1e-6)^(gamma / 2) * [t log(t / p) + (1 - t) log((1 - t) / (1 - p))]
+
+    the KL divergence of two Bernoulli distributions, weighted (without detaching) by how far the
+    prediction is from the target, as the focal loss weights the cross-entropy. There is no
+    temperature. Terms with ``t = 0`` or ``t = 1`` contribute their ``0 log 0 = 0`` part, so for
+    one-hot targets this is the focal loss without its ``alpha`` balance.
+
+    Args:
+        logits (Tensor[...]): the student's logits.
+        targets (Tensor[...]): the teacher's probabilities in ``[0, 1]``, same shape.
+        gamma: the focal exponent (0.5 in the paper's soft-label runs).
+
+    Returns:
+        Tensor[...]: the loss of every element (not reduced).
+
+    Reference:
+        Nguyen et al., WACV 2022, Eq. 1; ALGORITHMS.md §6.1; chapter {ref}`sec-lad`.
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(f"focal_kl: logits {tuple(logits.shape)} vs targets "
+                         f"{tuple(targets.shape)}")  # fmt: skip
+    logits, targets = logits.float(), targets.float()
+    log_p = F.logsigmoid(logits)
+    log_not_p = log_p - logits  # log(1 - p)
+    kl = torch.xlogy(targets, targets) - targets * log_p
+    kl = kl + torch.xlogy(1 - targets, 1 - targets) - (1 - targets) * log_not_p
+    focal = ((targets - torch.sigmoid(logits)) ** 2 + 1e-6) ** (gamma / 2)
+    return focal * kl
+
+
+def kd_losses(
+    student: dict[str, Tensor],
+    teacher: dict[str, Tensor],
+    anchors: Tensor,
+    valid: Tensor,
+    targets: list[dict[str, Tensor]],
+    image_sizes: list[tuple[int, int]],
+    *,
+    box_coder: BoxCoder | None = None,
+    min_iou: float = 0.1,
+    cls_weight: float = 10.0,
+    iou_weight: float = 10.0,
+    giou_weight: float = 1.3,
+    gamma: float = 0.5,
+) -> dict[str, Tensor]:
+    """Soft-label distillation: the student learns the teacher's outputs (the paper's KD head).
+
+    1. Decode both networks' boxes, clamped to the image. A valid anchor is *selected* when the
+       teacher's box overlaps some object by more than ``min_iou``; its weight ``w_i`` is that
+       best IoU, and ``avg = sum w_i`` over the batch normalises every term.
+    2. ``loss_kd_cls`` = ``cls_weight * sum focal_kl(student cls, sigmoid(teacher cls)) / avg``
+       over **every** anchor and class (the reference includes batch padding too).
+    3. ``loss_kd_iou`` = ``iou_weight * sum_sel focal_kl(student iou, sigmoid(teacher iou)) / avg``.
+    4. ``loss_kd_bbox`` = ``giou_weight * sum_sel w_i (1 - GIoU(S_i, T_i)) / avg``: the target is
+       the **teacher's** box, not the object's.
+
+    Guards for the reference's crashes: with no selected anchor (no objects, or no teacher box
+    near one) the IoU and box terms are zero (still attached to the graph) and ``avg`` falls back
+    to the number of images, as the focal loss's ``max(N_p, B)`` does.
+
+    Args:
+        student, teacher: head outputs, ``cls_logits`` (Tensor[B, A, C]), ``bbox_regression``
+            (Tensor[B, A, 4]), ``iou_logits`` (Tensor[B, A]); the teacher's without gradient.
+        anchors (Tensor[A, 4]), valid (Tensor[B, A] bool): the shared anchors.
+        targets: the objects of each image (``boxes``).
+        image_sizes: ``(h, w)`` of each image, for the clamp.
+
+    Returns:
+        ``{"loss_kd_cls", "loss_kd_iou", "loss_kd_bbox"}``.
+
+    Reference:
+        Nguyen et al., WACV 2022, §3 (soft labels); ALGORITHMS.md §6.2; chapter {ref}`sec-lad`.
+    """
+    box_coder = box_coder or BoxCoder()
+    teacher = {k: v.detach() for k, v in teacher.items()}
+    batch = len(image_sizes)
+    sel_image, sel_anchor, sel_weight = [], [], []
+    for k, size in enumerate(image_sizes):
+        anchor_idx = valid[k].nonzero()[:, 0]
+        gt = targets[k]["boxes"]
+        if len(gt) == 0 or len(anchor_idx) == 0:
+            continue
+        boxes = box_coder.decode(
+            teacher["bbox_regression"][k, anchor_idx], anchors[anchor_idx], size
+        )
+        best = box_iou(boxes, gt.to(boxes)).amax(dim=1)
+        keep = best > min_iou
+        sel_image.append(torch.full_like(anchor_idx[keep], k))
+        sel_anchor.append(anchor_idx[keep])
+        sel_weight.append(best[keep])
+    if sel_weight:
+        image, anchor = torch.cat(sel_image), torch.cat(sel_anchor)
+        weight = torch.cat(sel_weight)
+    else:
+        image = anchor = torch.zeros(0, dtype=torch.long, device=anchors.device)
+        weight = anchors.new_zeros(0)
+    total = weight.sum()
+    avg = torch.where(total > 0, total, torch.full_like(total, float(batch)))
+    soft_cls = torch.sigmoid(teacher["cls_logits"].float())
+    losses = {
+        "loss_kd_cls": cls_weight * focal_kl(student["cls_logits"], soft_cls, gamma).sum() / avg
+    }
+    if len(weight) == 0:
+        losses["loss_kd_iou"] = student["iou_logits"].sum() * 0.0
+        losses["loss_kd_bbox"] = student["bbox_regression"].sum() * 0.0
+        return losses
+    soft_iou = torch.sigmoid(teacher["iou_logits"][image, anchor].float())
+    kd_iou = focal_kl(student["iou_logits"][image, anchor], soft_iou, gamma)
+    losses["loss_kd_iou"] = iou_weight * kd_iou.sum() / avg
+    sizes = torch.tensor(image_sizes, device=anchors.device, dtype=torch.float32)[image]
+    upper = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1)
+    student_boxes = box_coder.decode(
+        student["bbox_regression"][image, anchor].float(), anchors[anchor]
+    )
+    student_boxes = torch.minimum(student_boxes.clamp(min=0), upper)
+    teacher_boxes = box_coder.decode(teacher["bbox_regression"][image, anchor], anchors[anchor])
+    teacher_boxes = torch.minimum(teacher_boxes.clamp(min=0), upper)
+    giou = aligned_giou(student_boxes, teacher_boxes)
+    losses["loss_kd_bbox"] = giou_weight * (weight.clamp(min=WEIGHT_FLOOR) * (1 - giou)).sum() / avg
     return losses

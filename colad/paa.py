@@ -38,6 +38,7 @@ __all__ = [
     "split_candidates",
     "PAATrace",
     "paa_trace",
+    "reassign",
     "paa_assign",
 ]
 
@@ -343,12 +344,39 @@ def paa_trace(
         cls_logits, bbox_regression, anchors, pre, gt_boxes, gt_labels,
         box_coder=box_coder, giou_weight=giou_weight, alpha=alpha, gamma=gamma,
     )  # fmt: skip
+    return reassign(costs, pre, gt_boxes, gt_labels, gt_mask, num_per_level, topk=topk)
+
+
+@torch.no_grad()
+def reassign(
+    costs: Tensor,
+    pre_matched_idxs: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_mask: Tensor,
+    num_per_level: list[int],
+    *,
+    topk: int = 9,
+) -> PAATrace:
+    """PAA's steps after the costs (ALGORITHMS.md §3.3-3.6): top-k per level, the mixture split
+    of every object, and the positives. Whose costs they are does not matter here: one
+    network's (PAA), a teacher's (LAD) or a switch's pick per object and level (CoLAD).
+
+    Args:
+        costs (Tensor[B, A]): anchor costs, ``inf`` off the pre-assigned anchors.
+        pre_matched_idxs (Tensor[B, A]): the IoU pre-assignment (:func:`max_iou_assign`).
+        gt_boxes, gt_labels, gt_mask: the padded objects (:func:`pad_targets`).
+        num_per_level: anchors on each level.
+
+    Returns:
+        :class:`PAATrace`.
+    """
     cand, cand_costs, cand_valid = select_candidates(
-        costs, pre, gt_mask.shape[1], num_per_level, topk
+        costs, pre_matched_idxs, gt_mask.shape[1], num_per_level, topk
     )
     positive, mixture = _split(cand_costs.flatten(0, 1), cand_valid.flatten(0, 1))
-    return PAATrace(gt_boxes, gt_labels, gt_mask, pre, costs, cand, cand_costs, cand_valid,
-                    positive.view_as(cand).clone(), mixture)  # fmt: skip
+    return PAATrace(gt_boxes, gt_labels, gt_mask, pre_matched_idxs, costs, cand, cand_costs,
+                    cand_valid, positive.view_as(cand).clone(), mixture)  # fmt: skip
 
 
 def paa_assign(*args, **kwargs) -> Assignment:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,27 @@ def smoke_bench(tmp_path_factory) -> synth.Benchmark:
     return synth.generate(
         synth.preset("smoke"), root=tmp_path_factory.mktemp("synth"), progress=False
     )
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """A data root (``COLAD_DATA``) holding the smoke benchmark, generated once per session;
+    runs trained in it are shared by the tests that ask for the same experiment."""
+    root = tmp_path_factory.mktemp("data")
+    synth.generate(synth.preset("smoke"), root=root / "synth", progress=False)
+    return root
+
+
+@pytest.fixture
+def in_data_root(data_root, monkeypatch) -> Path:
+    monkeypatch.setenv("COLAD_DATA", str(data_root))
+    return data_root
+
+
+def env_with(root: Path) -> dict[str, str]:
+    """The environment of a subprocess that uses ``root`` as its data root and this checkout."""
+    repo = Path(__file__).resolve().parent.parent
+    return {**os.environ, "COLAD_DATA": str(root), "PYTHONPATH": str(repo)}
 
 
 def write_coco(

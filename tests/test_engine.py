@@ -20,26 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from colad import config, dist, engine, evaluate, synth
+from colad import config, dist, engine, evaluate
 from colad.__main__ import main
 from colad.config import Experiment, TrainConfig
+from conftest import env_with
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory) -> Path:
-    """A data root holding the smoke benchmark (generated once per session)."""
-    root = tmp_path_factory.mktemp("data")
-    synth.generate(synth.preset("smoke"), root=root / "synth", progress=False)
-    return root
-
-
-@pytest.fixture
-def in_data_root(data_root, monkeypatch) -> Path:
-    monkeypatch.setenv("COLAD_DATA", str(data_root))
-    return data_root
 
 
 def smoke(epochs: int = 12, **train) -> Experiment:
@@ -54,10 +41,6 @@ def finished(data_root) -> engine.RunResult:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("COLAD_DATA", str(data_root))
         return engine.run(smoke(), progress=False)
-
-
-def env_with(root: Path) -> dict[str, str]:
-    return {**os.environ, "COLAD_DATA": str(root), "PYTHONPATH": str(REPO)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,8 +206,8 @@ class _Poisoned(torch.nn.Module):
 
 
 def test_non_finite_losses_are_skipped_and_counted(in_data_root, tmp_path, monkeypatch):
-    build = engine.build_model
-    monkeypatch.setattr(engine, "build_model", lambda e: _Poisoned(build(e), {2, 3}))
+    build = engine.build_trainee
+    monkeypatch.setattr(engine, "build_trainee", lambda e, t: _Poisoned(build(e, t), {2, 3}))
     engine.train(smoke(epochs=1), tmp_path / "run", progress=False, log=lambda m: None)
     summary = json.loads((tmp_path / "run" / engine.METRICS).read_text())
     history = json.loads((tmp_path / "run" / engine.HISTORY).read_text())
@@ -234,8 +217,8 @@ def test_non_finite_losses_are_skipped_and_counted(in_data_root, tmp_path, monke
 
 
 def test_repeated_non_finite_losses_stop_the_run(in_data_root, tmp_path, monkeypatch):
-    build = engine.build_model
-    monkeypatch.setattr(engine, "build_model", lambda e: _Poisoned(build(e), None))
+    build = engine.build_trainee
+    monkeypatch.setattr(engine, "build_trainee", lambda e, t: _Poisoned(build(e, t), None))
     messages = []
     with pytest.raises(engine.TrainingDiverged, match="4 non-finite losses in a row"):
         engine.train(

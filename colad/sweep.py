@@ -1,0 +1,286 @@
+"""The sweep runner: named experiments over seeds, through the run cache, as one tidy table.
+
+:func:`sweep` trains (or finds in the run cache) every ``(experiment, seed)`` pair, one progress
+line per run with the total time left, and returns a :class:`Sweep`: one row per run and network
+(experiment, seed, network, COCO metrics, wall time). :func:`summarize` gives mean ± std per
+experiment and :func:`beside_paper` puts them next to the paper's numbers. Chapters and
+``python -m colad sweep NAME... --seeds 0 1 2 [--jobs N]`` use it.
+
+Teachers come first: a distillation experiment's named teacher (its seed-0 run) is trained before
+the students that need it, so that parallel jobs never train one teacher twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import multiprocessing
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+from colad import config, engine
+from colad.config import Experiment
+
+__all__ = ["plan", "Sweep", "sweep", "summarize", "beside_paper", "mean_std"]
+
+
+def plan(
+    names: Iterable[str],
+    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    profile: str | None = None,
+    teachers: bool = True,
+    **options,
+) -> list[tuple[str, int, Experiment]]:
+    """The runs of a sweep, ``(name, seed, experiment)``, teachers first.
+
+    Args:
+        names: named experiments (:data:`colad.config.EXPERIMENTS`).
+        seeds: the training seeds (initialisation, data order, augmentation).
+        profile: default ``$COLAD_PROFILE``.
+        teachers: also plan the named teachers the students need (seed 0, before them).
+        options: passed to every :func:`colad.config.experiment` (e.g. ``backbone``).
+    """
+    profile = profile or config.profile_from_env()
+    runs, seen = [], set()
+
+    def add(name: str, seed: int, experiment: Experiment) -> None:
+        key = engine.run_path(experiment)
+        if key not in seen:
+            seen.add(key)
+            runs.append((name, seed, experiment))
+
+    students = []
+    for name in names:
+        base = config.experiment(name, profile, **options)
+        for seed in seeds:
+            train = dataclasses.replace(base.train, seed=seed)
+            students.append((name, seed, dataclasses.replace(base, train=train)))
+    if teachers:
+        for _, _, experiment in students:
+            spec = experiment.distill.teacher
+            if spec in config.EXPERIMENTS:
+                add(spec, 0, config.experiment(spec, profile))
+    for run in students:
+        add(*run)
+    return runs
+
+
+@dataclasses.dataclass
+class Sweep:
+    """What :func:`sweep` returns.
+
+    Attributes:
+        rows: one dict per run and network: ``experiment`` (the name asked for), ``seed``,
+            ``network`` (``model``, or CoLAD's ``net1`` / ``net2``), the COCO metrics,
+            ``train_seconds``, ``wall_seconds`` (0 for a reused run), ``reused`` and ``run``.
+        results: the :class:`colad.engine.RunResult` of each ``(name, seed)``.
+    """
+
+    rows: list[dict]
+    results: dict[tuple[str, int], engine.RunResult]
+
+    def table(self):
+        """The rows as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def summary(self, metrics: Sequence[str] = ("AP", "AP50")):
+        """:func:`summarize` of the rows."""
+        return summarize(self.rows, metrics)
+
+
+def _rows(name: str, seed: int, result: engine.RunResult, wall: float) -> list[dict]:
+    return [
+        {
+            "experiment": name,
+            "seed": seed,
+            "network": network,
+            **metrics,
+            "train_seconds": result.summary["train_seconds"],
+            "wall_seconds": round(wall, 1),
+            "reused": result.reused,
+            "run": result.path.name,
+        }  # fmt: skip
+        for network, metrics in result.networks.items()
+    ]
+
+
+def _run_one(experiment: dict, threads: int) -> str:
+    """A worker process's job: one run, with its share of the cores; returns the run path."""
+    import torch
+
+    torch.set_num_threads(threads)
+    result = engine.run(Experiment.from_dict(experiment), progress=False)
+    return str(result.path)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+def sweep(
+    names: Iterable[str],
+    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    profile: str | None = None,
+    jobs: int = 1,
+    log: Callable[[str], None] | None = print,
+    **options,
+) -> Sweep:
+    """Train or load every ``(experiment, seed)`` and gather their metrics.
+
+    Each finished run prints one line: its position, name, seed, whether it was trained or
+    reused, its AP and wall time, and the estimated time left (the mean wall time of the runs
+    trained so far times the runs still to do).
+
+    Args:
+        names, seeds, profile, options: as :func:`plan`.
+        jobs: runs trained at once, each in its own process with ``cores / jobs`` threads
+            (1: in this process, one after another).
+        log: where the progress lines go (``None``: nowhere).
+
+    Returns:
+        :class:`Sweep` (the teachers' runs included, under their own names).
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs}: need at least one")
+    log = log or (lambda line: None)
+    runs = plan(names, seeds, profile=profile, **options)
+    cached = {engine.run_path(e): engine.load_run(engine.run_path(e), e) for _, _, e in runs}
+    to_train = sum(1 for done in cached.values() if done is None)
+    log(f"sweep: {len(runs)} runs, {len(runs) - to_train} in the run cache, {to_train} to train"
+        + (f" ({jobs} at a time)" if jobs > 1 and to_train else ""))  # fmt: skip
+    state = {"done": 0, "trained": 0, "seconds": 0.0, "left": to_train}
+    rows, results = [], {}
+
+    def finished(name: str, seed: int, result: engine.RunResult, wall: float) -> None:
+        state["done"] += 1
+        if not result.reused:
+            state["trained"] += 1
+            state["seconds"] += wall
+            state["left"] -= 1
+        mean = state["seconds"] / max(state["trained"], 1)
+        eta = f"{_clock(mean * state['left'] / jobs)} left" if state["trained"] else "..."
+        what = "reused" if result.reused else f"trained in {_clock(wall)}"
+        log(f"[{state['done']}/{len(runs)}] {name} seed {seed}: {what}, "
+            f"AP {result.metrics['AP']:.3f} ({eta if state['left'] else 'done'})")  # fmt: skip
+        results[(name, seed)] = result
+        rows.extend(_rows(name, seed, result, wall if not result.reused else 0.0))
+
+    started = time.perf_counter()
+    if jobs == 1:
+        for name, seed, experiment in runs:
+            tick = time.perf_counter()
+            result = cached[engine.run_path(experiment)] or engine.run(experiment, progress=False)
+            finished(name, seed, result, time.perf_counter() - tick)
+    else:
+        _sweep_parallel(runs, cached, jobs, finished)
+    log(f"sweep: done in {_clock(time.perf_counter() - started)}")
+    return Sweep(rows, results)
+
+
+def _sweep_parallel(runs, cached, jobs, finished) -> None:
+    """Reused runs at once; teachers one by one in this process; the others ``jobs`` at a time."""
+    teachers = {e.distill.teacher for _, _, e in runs if e.distill.teacher}
+    pending = []
+    for name, seed, experiment in runs:
+        done = cached[engine.run_path(experiment)]
+        if done is not None:
+            finished(name, seed, done, 0.0)
+        elif name in teachers:
+            tick = time.perf_counter()
+            finished(name, seed, engine.run(experiment, progress=False),
+                     time.perf_counter() - tick)  # fmt: skip
+        else:
+            pending.append((name, seed, experiment))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        ticks, futures = {}, {}
+        for name, seed, experiment in pending:
+            future = pool.submit(_run_one, experiment.to_dict(), threads)
+            futures[future] = (name, seed, experiment)
+            ticks[future] = time.perf_counter()
+        for future in as_completed(futures):
+            name, seed, experiment = futures[future]
+            future.result()  # re-raises a worker's error
+            result = engine.load_run(engine.run_path(experiment), experiment)
+            result.reused = False
+            finished(name, seed, result, time.perf_counter() - ticks[future])
+
+
+def mean_std(values: Sequence[float], digits: int = 3) -> str:
+    """``"mean ± std"`` (sample std; just the value for one run)."""
+    values = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def summarize(rows: Sequence[dict], metrics: Sequence[str] = ("AP", "AP50")):
+    """Mean and sample std of ``metrics`` per (experiment, network), with the number of seeds
+    and the mean training time, as a pandas DataFrame (one row each, in the rows' order)."""
+    import pandas as pd
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["experiment"], row["network"]), []).append(row)
+    out = []
+    for (name, network), members in groups.items():
+        entry = {"experiment": name, "network": network, "seeds": len(members)}
+        for metric in metrics:
+            values = [m[metric] for m in members]
+            entry[f"{metric} mean"] = statistics.fmean(values)
+            entry[f"{metric} std"] = statistics.stdev(values) if len(values) > 1 else math.nan
+            entry[metric] = mean_std(values)
+        entry["train s"] = round(statistics.fmean(m["train_seconds"] for m in members), 1)
+        out.append(entry)
+    return pd.DataFrame(out)
+
+
+def beside_paper(
+    summary,
+    paper: dict[str, tuple[str, float | None]],
+    *,
+    baseline: str,
+    metric: str = "AP",
+):
+    """Our mean ± std and gain over ``baseline`` next to the paper's number and gain.
+
+    Args:
+        summary: from :func:`summarize` (one network per experiment is used: the first).
+        paper: ``{experiment: (paper's row label, paper's AP in 0-100 or None)}``, in the order
+            to show; the baseline's entry gives the paper's reference.
+        baseline: the experiment the gains are measured from.
+
+    Returns:
+        A DataFrame with columns method, ours, gain (ours), paper, gain (paper); our numbers on
+        0-1 like pycocotools, the paper's on COCO's 0-100, as published.
+    """
+    import pandas as pd
+
+    first = summary.drop_duplicates("experiment").set_index("experiment")
+    ours = first[f"{metric} mean"]
+    paper_base = paper[baseline][1]
+    rows = []
+    for name, (label, value) in paper.items():
+        if name not in first.index:
+            continue
+        gain = ours[name] - ours[baseline]
+        rows.append({
+            "method": label, "ours": first.loc[name, metric],
+            "gain (ours)": "-" if name == baseline else f"{gain:+.3f}",
+            "paper (COCO, 0-100)": "-" if value is None else f"{value:.1f}",
+            "gain (paper)": "-" if name == baseline or value is None or paper_base is None
+            else f"{value - paper_base:+.1f}",
+        })  # fmt: skip
+    return pd.DataFrame(rows)
