@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from colad import config, engine
 from colad.config import Experiment
 
-__all__ = ["plan", "Sweep", "sweep", "summarize", "beside_paper", "mean_std"]
+__all__ = ["plan", "Sweep", "sweep", "summarize", "beside_paper", "mean_std", "compare"]
 
 
 def plan(
@@ -74,7 +74,7 @@ class Sweep:
     """What :func:`sweep` returns.
 
     Attributes:
-        rows: one dict per run and network: ``experiment`` (the name asked for), ``seed``,
+        rows: one dict per requested run and network: ``experiment`` (the name), ``seed``,
             ``network`` (``model``, or CoLAD's ``net1`` / ``net2``), the COCO metrics,
             ``train_seconds``, ``wall_seconds`` (0 for a reused run), ``reused`` and ``run``.
         results: the :class:`colad.engine.RunResult` of each ``(name, seed)``.
@@ -146,11 +146,13 @@ def sweep(
         log: where the progress lines go (``None``: nowhere).
 
     Returns:
-        :class:`Sweep` (the teachers' runs included, under their own names).
+        :class:`Sweep`: rows for the requested experiments and seeds; ``results`` also holds
+        the teachers trained on the way.
     """
     if jobs < 1:
         raise ValueError(f"jobs={jobs}: need at least one")
     log = log or (lambda line: None)
+    names = list(names)
     runs = plan(names, seeds, profile=profile, **options)
     cached = {engine.run_path(e): engine.load_run(engine.run_path(e), e) for _, _, e in runs}
     to_train = sum(1 for done in cached.values() if done is None)
@@ -171,7 +173,8 @@ def sweep(
         log(f"[{state['done']}/{len(runs)}] {name} seed {seed}: {what}, "
             f"AP {result.metrics['AP']:.3f} ({eta if state['left'] else 'done'})")  # fmt: skip
         results[(name, seed)] = result
-        rows.extend(_rows(name, seed, result, wall if not result.reused else 0.0))
+        if name in names and seed in seeds:  # a teacher trained on the way is not a row
+            rows.extend(_rows(name, seed, result, wall if not result.reused else 0.0))
 
     started = time.perf_counter()
     if jobs == 1:
@@ -284,3 +287,33 @@ def beside_paper(
             else f"{value - paper_base:+.1f}",
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def compare(rows: Sequence[dict], method: str, baseline: str, *, metric: str = "AP",
+            networks: tuple[str, str] = ("model", "model")) -> dict:  # fmt: skip
+    """How ``method`` differs from ``baseline`` over seeds, and whether the seeds' spread can
+    explain it.
+
+    The difference of the means is compared with its standard error,
+    ``se = sqrt(s_m^2 / n_m + s_b^2 / n_b)`` (sample stds over seeds): ``beyond_noise`` when
+    ``|gain| > 2 se``. With a handful of seeds this is a rough guide, not a significance test.
+
+    Args:
+        rows: :attr:`Sweep.rows`.
+        networks: which network of each experiment (CoLAD's ``net1`` / ``net2``).
+
+    Returns:
+        ``{"gain", "se", "beyond_noise", "method", "baseline", "seeds"}``.
+    """
+
+    def values(name: str, network: str) -> list[float]:
+        found = [r[metric] for r in rows if r["experiment"] == name and r["network"] == network]
+        if not found:
+            raise ValueError(f"no rows for {name!r} ({network})")
+        return found
+
+    a, b = values(method, networks[0]), values(baseline, networks[1])
+    var = sum(statistics.variance(v) / len(v) for v in (a, b) if len(v) > 1)
+    gain, se = statistics.fmean(a) - statistics.fmean(b), math.sqrt(var)
+    return {"method": method, "baseline": baseline, "gain": gain, "se": se,
+            "beyond_noise": abs(gain) > 2 * se and se > 0, "seeds": (len(a), len(b))}  # fmt: skip

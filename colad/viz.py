@@ -33,6 +33,9 @@ __all__ = [
     "mixture_explorer",
     "plot_history",
     "show_detections",
+    "own_vs_teacher",
+    "plot_switch",
+    "plot_comparison",
 ]
 
 #: One colour per role, used by every figure of the book.
@@ -456,6 +459,82 @@ def show_detections(
                    scores=found["scores"][keep].tolist())  # fmt: skip
         ax.set_title(f"{int(keep.sum())} detections, {len(target['boxes'])} objects", fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def own_vs_teacher(student, teacher, dataset, indices: Sequence[int] = range(20), *, size=3.0):
+    """The image of ``dataset`` (among ``indices``) where the student's own PAA positives and
+    its teacher's differ most, drawn side by side with :func:`plot_positives`.
+
+    Args:
+        student, teacher: :class:`colad.detector.Detector` (eval mode is set here).
+
+    Returns:
+        ``(figure, facts)``; ``facts`` has the image ``index`` and the number of positives
+        ``own``, ``teacher`` and ``shared`` (same anchor, same object).
+    """
+    best = None
+    for i in [i for i in indices if i < len(dataset)]:
+        image, target = dataset[i]
+        own = student.eval().assign(student.predict([image]), [target]).matched_idxs[0]
+        taught = teacher.eval().assign(teacher.predict([image]), [target]).matched_idxs[0]
+        shared = int(((own >= 0) & (own == taught)).sum())
+        differ = int((own >= 0).sum()) + int((taught >= 0).sum()) - 2 * shared
+        if best is None or differ > best[0]:
+            best = (differ, i, image, target, own, taught, shared)
+    _, i, image, target, own, taught, shared = best
+    anchors = student.predict([image]).anchors
+    fig = plot_positives(image, target["boxes"], anchors,
+                         {"student's own": own, "teacher's (LAD)": taught}, size=size)  # fmt: skip
+    facts = {"index": i, "own": int((own >= 0).sum()), "teacher": int((taught >= 0).sum()),
+             "shared": shared}  # fmt: skip
+    return fig, facts
+
+
+def plot_switch(history: Sequence[Mapping[str, float]], *, window: int = 25, ax=None):
+    """CoLAD's switch over training: the fraction of (object, level) groups whose costs came
+    from network 2, per FPN level and over all levels (running means over ``window`` steps).
+
+    Args:
+        history: a CoLAD run's :attr:`colad.engine.RunResult.history`.
+    """
+    fig, ax = _figure(ax)
+    kept = [h for h in history if not h.get("skipped")]
+    keys = [k for k in kept[0] if k.startswith("switch_net2")]
+    if not keys:
+        raise ValueError("plot_switch: not a CoLAD history (no switch_net2 entries)")
+    steps = np.array([h["step"] for h in kept])
+    width = max(1, min(window, len(kept)))
+    for key in keys:
+        values = np.array([h[key] for h in kept], dtype=float)
+        valid = np.isfinite(values)
+        smooth = np.convolve(np.where(valid, values, 0), np.ones(width), mode="valid")
+        counts = np.convolve(valid.astype(float), np.ones(width), mode="valid")
+        label = "all levels" if key == "switch_net2" else key.rsplit("_", 1)[-1]
+        ax.plot(steps[width - 1 :], smooth / np.maximum(counts, 1), label=label,
+                linewidth=1.6 if key == "switch_net2" else 1.0)  # fmt: skip
+    ax.axhline(0.5, color="0.6", linestyle=":", linewidth=0.8)
+    ax.set(xlabel="step", ylabel="groups taught by network 2", ylim=(0, 1))
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_comparison(summary, *, metric: str = "AP", ax=None):
+    """Mean ± std (error bars) of ``metric`` per experiment and network of a
+    :func:`colad.sweep.summarize` table, one bar each, with the seeds as dots."""
+    fig, ax = _figure(ax)
+    labels = [
+        name if network == "model" else f"{name} ({network})"
+        for name, network in zip(summary["experiment"], summary["network"], strict=True)
+    ]
+    means, stds = summary[f"{metric} mean"], summary[f"{metric} std"].fillna(0.0)
+    x = np.arange(len(labels))
+    ax.bar(x, means, yerr=stds, capsize=3, color=[_CLASS_COLORS[k % 10] for k in x], alpha=0.8)
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+    low = float((means - stds).min())
+    ax.set_ylim(max(0.0, low - 0.05), float((means + stds).max()) + 0.02)
     return fig
 
 
