@@ -136,8 +136,8 @@ def sweep(
     """Train or load every ``(experiment, seed)`` and gather their metrics.
 
     Each finished run prints one line: its position, name, seed, whether it was trained or
-    reused, its AP and wall time, and the estimated time left (the mean wall time of the runs
-    trained so far times the runs still to do).
+    reused, its AP and wall time, and the estimated time left (each run still to train at the
+    mean time of the runs of its experiment trained so far).
 
     Args:
         names, seeds, profile, options: as :func:`plan`.
@@ -158,20 +158,31 @@ def sweep(
     to_train = sum(1 for done in cached.values() if done is None)
     log(f"sweep: {len(runs)} runs, {len(runs) - to_train} in the run cache, {to_train} to train"
         + (f" ({jobs} at a time)" if jobs > 1 and to_train else ""))  # fmt: skip
-    state = {"done": 0, "trained": 0, "seconds": 0.0, "left": to_train}
+    waiting = [name for name, _, e in runs if cached[engine.run_path(e)] is None]
+    seconds: dict[str, list[float]] = {}  # wall times of the runs trained so far, by name
+    state = {"done": 0}
     rows, results = [], {}
+
+    def time_left() -> str:
+        """Each run still to train is expected to take the mean time of the runs of the same
+        experiment trained so far (of all runs when none of it has run yet)."""
+        trained = [t for times in seconds.values() for t in times]
+        if not waiting:
+            return "done"
+        if not trained:
+            return "..."
+        overall = statistics.fmean(trained)
+        expected = sum(statistics.fmean(seconds.get(n, [overall])) for n in waiting)
+        return f"{_clock(expected / jobs)} left"
 
     def finished(name: str, seed: int, result: engine.RunResult, wall: float) -> None:
         state["done"] += 1
         if not result.reused:
-            state["trained"] += 1
-            state["seconds"] += wall
-            state["left"] -= 1
-        mean = state["seconds"] / max(state["trained"], 1)
-        eta = f"{_clock(mean * state['left'] / jobs)} left" if state["trained"] else "..."
+            seconds.setdefault(name, []).append(wall)
+            waiting.remove(name)
         what = "reused" if result.reused else f"trained in {_clock(wall)}"
         log(f"[{state['done']}/{len(runs)}] {name} seed {seed}: {what}, "
-            f"AP {result.metrics['AP']:.3f} ({eta if state['left'] else 'done'})")  # fmt: skip
+            f"AP {result.metrics['AP']:.3f} ({time_left()})")  # fmt: skip
         results[(name, seed)] = result
         if name in names and seed in seeds:  # a teacher trained on the way is not a row
             rows.extend(_rows(name, seed, result, wall if not result.reused else 0.0))

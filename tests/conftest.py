@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,18 @@ def env_with(root: Path) -> dict[str, str]:
     """The environment of a subprocess that uses ``root`` as its data root and this checkout."""
     repo = Path(__file__).resolve().parent.parent
     return {**os.environ, "COLAD_DATA": str(root), "PYTHONPATH": str(repo)}
+
+
+def torchrun_train(root: Path, out: Path, *arguments: str) -> dict:
+    """``torchrun --nproc_per_node=2 -m colad train ARGUMENTS --cpu --out OUT`` (gloo) in the
+    data root ``root``; returns the run's ``metrics.json`` after checking that both processes
+    ended well."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    command = [*torchrun, "-m", "colad", "train", *arguments, "--cpu", "--out", str(out)]
+    done = subprocess.run(command, env=env_with(root), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained in") == 1  # rank 0 alone reports
+    return json.loads((out / "metrics.json").read_text())
 
 
 def write_coco(

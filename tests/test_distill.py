@@ -22,7 +22,7 @@ from colad.config import DistillConfig, Experiment, model_preset
 from colad.detector import Detector
 from colad.losses import focal_kl, kd_losses
 from colad.paa import reassign
-from conftest import env_with
+from conftest import env_with, torchrun_train
 
 # ----------------------------------------------------------------------------------------------
 # Losses
@@ -400,14 +400,7 @@ def test_a_killed_colad_run_resumes_to_the_uninterrupted_weights(colad_run, data
 
 @pytest.mark.slow
 def test_colad_under_torchrun_keeps_identical_replicas(data_root, tmp_path):
-    out = tmp_path / "ddp"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    command = [*torchrun, *SMOKE_COLAD, "--epochs", "1", "--cpu", "--out", str(out)]
-    done = subprocess.run(
-        command, env=env_with(data_root), capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((out / engine.METRICS).read_text())
+    summary = torchrun_train(data_root, tmp_path / "ddp", *SMOKE_COLAD[3:], "--epochs", "1")
     first, second = summary["replica_digests"]
     assert summary["world_size"] == 2 and first == second
     assert set(summary["networks"]) == {"net1", "net2"}
