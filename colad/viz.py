@@ -522,7 +522,7 @@ def plot_switch(history: Sequence[Mapping[str, float]], *, window: int = 25, ax=
 
 def plot_comparison(summary, *, metric: str = "AP", ax=None):
     """Mean ± std (error bars) of ``metric`` per experiment and network of a
-    :func:`colad.sweep.summarize` table, one bar each, with the seeds as dots."""
+    :func:`colad.sweep.summarize` table, one bar each."""
     fig, ax = _figure(ax)
     labels = [
         name if network == "model" else f"{name} ({network})"
