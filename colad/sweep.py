@@ -110,13 +110,13 @@ def _rows(name: str, seed: int, result: engine.RunResult, wall: float) -> list[d
     ]
 
 
-def _run_one(experiment: dict, threads: int) -> str:
-    """A worker process's job: one run, with its share of the cores; returns the run path."""
+def _run_one(experiment: dict, path: str, threads: int) -> str:
+    """A worker process's job: one run into ``path``, with its share of the cores; returns the
+    run path."""
     import torch
 
     torch.set_num_threads(threads)
-    result = engine.run(Experiment.from_dict(experiment), progress=False)
-    return str(result.path)
+    return str(engine.run(Experiment.from_dict(experiment), path=path, progress=False).path)
 
 
 def _clock(seconds: float) -> str:
@@ -154,11 +154,12 @@ def sweep(
     log = log or (lambda line: None)
     names = list(names)
     runs = plan(names, seeds, profile=profile, **options)
-    cached = {engine.run_path(e): engine.load_run(engine.run_path(e), e) for _, _, e in runs}
-    to_train = sum(1 for done in cached.values() if done is None)
+    paths = [engine.run_path(e) for _, _, e in runs]  # each hashes the source: once per run
+    cached = [engine.load_run(path, e) for path, (_, _, e) in zip(paths, runs, strict=True)]
+    to_train = sum(1 for done in cached if done is None)
     log(f"sweep: {len(runs)} runs, {len(runs) - to_train} in the run cache, {to_train} to train"
         + (f" ({jobs} at a time)" if jobs > 1 and to_train else ""))  # fmt: skip
-    waiting = [name for name, _, e in runs if cached[engine.run_path(e)] is None]
+    waiting = [name for (name, _, _), done in zip(runs, cached, strict=True) if done is None]
     seconds: dict[str, list[float]] = {}  # wall times of the runs trained so far, by name
     state = {"done": 0}
     rows, results = [], {}
@@ -189,42 +190,41 @@ def sweep(
 
     started = time.perf_counter()
     if jobs == 1:
-        for name, seed, experiment in runs:
+        for (name, seed, experiment), path, done in zip(runs, paths, cached, strict=True):
             tick = time.perf_counter()
-            result = cached[engine.run_path(experiment)] or engine.run(experiment, progress=False)
+            result = done or engine.run(experiment, path=path, progress=False)
             finished(name, seed, result, time.perf_counter() - tick)
     else:
-        _sweep_parallel(runs, cached, jobs, finished)
+        _sweep_parallel(runs, paths, cached, jobs, finished)
     log(f"sweep: done in {_clock(time.perf_counter() - started)}")
     return Sweep(rows, results)
 
 
-def _sweep_parallel(runs, cached, jobs, finished) -> None:
+def _sweep_parallel(runs, paths, cached, jobs, finished) -> None:
     """Reused runs at once; teachers one by one in this process; the others ``jobs`` at a time."""
     teachers = {e.distill.teacher for _, _, e in runs if e.distill.teacher}
     pending = []
-    for name, seed, experiment in runs:
-        done = cached[engine.run_path(experiment)]
+    for (name, seed, experiment), path, done in zip(runs, paths, cached, strict=True):
         if done is not None:
             finished(name, seed, done, 0.0)
         elif name in teachers:
             tick = time.perf_counter()
-            finished(name, seed, engine.run(experiment, progress=False),
+            finished(name, seed, engine.run(experiment, path=path, progress=False),
                      time.perf_counter() - tick)  # fmt: skip
         else:
-            pending.append((name, seed, experiment))
+            pending.append((name, seed, experiment, path))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         ticks, futures = {}, {}
-        for name, seed, experiment in pending:
-            future = pool.submit(_run_one, experiment.to_dict(), threads)
+        for name, seed, experiment, path in pending:
+            future = pool.submit(_run_one, experiment.to_dict(), str(path), threads)
             futures[future] = (name, seed, experiment)
             ticks[future] = time.perf_counter()
         for future in as_completed(futures):
             name, seed, experiment = futures[future]
-            future.result()  # re-raises a worker's error
-            result = engine.load_run(engine.run_path(experiment), experiment)
+            path = future.result()  # re-raises a worker's error
+            result = engine.load_run(path, experiment)
             result.reused = False
             finished(name, seed, result, time.perf_counter() - ticks[future])
 
