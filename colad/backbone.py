@@ -93,6 +93,59 @@ class Backbone(nn.Module):
         return self
 
 
+def _out_channels(layer: nn.Sequential) -> int:
+    last = layer[-1]
+    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
+
+
+def _scaled_resnet(name: str, width_mult: float) -> torchvision.models.ResNet:
+    """torchvision's ResNet ``name`` (random weights) with every stage's width times
+    ``width_mult``: the same blocks and depths, ``round(64 * width_mult)`` stem channels."""
+    net = getattr(torchvision.models, name)(weights=None)
+    if width_mult == 1:
+        return net
+    block = type(net.layer1[0])
+    depths = [len(getattr(net, f"layer{k}")) for k in (1, 2, 3, 4)]
+    base = max(8, round(64 * width_mult))
+    net.inplanes = base
+    net.conv1 = nn.Conv2d(3, base, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(base)
+    for k, depth in enumerate(depths):
+        layer = net._make_layer(block, base * 2**k, depth, stride=1 if k == 0 else 2)
+        setattr(net, f"layer{k + 1}", layer)
+    for module in net.modules():  # torchvision's initialisation
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return net
+
+
+def _scaled_efficientnet(width_mult: float) -> torchvision.models.EfficientNet:
+    """torchvision's EfficientNet-B0 (random weights) with its widths times ``width_mult``
+    (rounded to multiples of 8, as EfficientNet's own width scaling does)."""
+    from torchvision.models.efficientnet import _efficientnet_conf
+
+    setting, last_channel = _efficientnet_conf("efficientnet_b0", width_mult=width_mult,
+                                               depth_mult=1.0)  # fmt: skip
+    return torchvision.models.EfficientNet(setting, dropout=0.2, last_channel=last_channel)
+
+
+def _scaled_repvgg(width_mult: float, **kwargs) -> nn.Module:
+    """timm's RepVGG-A0 (random weights) with its stem and stage widths times ``width_mult``."""
+    import dataclasses
+
+    from timm.models import build_model_with_cfg
+    from timm.models.byobnet import ByobNet, model_cfgs
+
+    cfg = model_cfgs["repvgg_a0"]
+    cfg = dataclasses.replace(cfg, width_factor=cfg.width_factor * width_mult,
+                              stem_chs=max(8, round(cfg.stem_chs * width_mult)))  # fmt: skip
+    return build_model_with_cfg(ByobNet, "repvgg_a0", False, model_cfg=cfg,
+                                feature_cfg=dict(flatten_sequential=True), **kwargs)  # fmt: skip
+
+
 class _ResNet(Backbone):
     """A torchvision ResNet without avgpool/fc; module names (and state-dict keys) kept."""
 
@@ -100,8 +153,7 @@ class _ResNet(Backbone):
         super().__init__()
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, getattr(net, name))
-        expansion = 4 if isinstance(net.layer1[0], torchvision.models.resnet.Bottleneck) else 1
-        self.out_channels = [128 * expansion, 256 * expansion, 512 * expansion]
+        self.out_channels = [_out_channels(getattr(net, f"layer{k}")) for k in (2, 3, 4)]
 
     def stages(self) -> list[list[nn.Module]]:
         return [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
@@ -118,7 +170,7 @@ class _EfficientNet(Backbone):
     def __init__(self, net: torchvision.models.EfficientNet) -> None:
         super().__init__()
         self.features = nn.Sequential(*list(net.features)[:8])  # features[8]: 1x1 conv to 1280
-        self.out_channels = [40, 112, 320]
+        self.out_channels = [_last_channels(self.features[k]) for k in (3, 5, 7)]
 
     def stages(self) -> list[list[nn.Module]]:
         return [[block] for block in self.features]
@@ -143,6 +195,10 @@ class _RepVGG(Backbone):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return list(self.body(x))
+
+
+def _last_channels(stage: nn.Module) -> int:
+    return [m for m in stage.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -191,6 +247,7 @@ def build_backbone(
     frozen_stages: int = 1,
     norm_eval: bool = True,
     widths: tuple[int, ...] = (32, 64, 128, 256),
+    width_mult: float = 1.0,
 ) -> Backbone:
     """Build a backbone returning ``[C3, C4, C5]`` at strides 8, 16, 32.
 
@@ -208,6 +265,9 @@ def build_backbone(
         frozen_stages: stages frozen after the stem (0 = none); see above.
         norm_eval: keep BatchNorm in eval mode (with ``pretrained=True``).
         widths: channels of tiny's four stages (strides 4, 8, 16, 32); checked for every name.
+        width_mult: scales the channels of every other backbone (same blocks and depths; 1 is
+            the published network). Scaled networks have no pretrained weights: they are the
+            CPU-sized stand-ins of the book's quick profile.
 
     Returns:
         A :class:`Backbone`, ``forward(float[B, 3, H, W]) -> [C3, C4, C5]`` with channels
@@ -228,18 +288,32 @@ def build_backbone(
         raise ValueError(f"frozen_stages must be in 0..{num} for {name}, got {frozen_stages!r}")
     if pretrained and name == "tiny":
         raise ValueError('backbone "tiny" has no pretrained weights; use pretrained=False')
+    if not (isinstance(width_mult, int | float) and 0 < width_mult <= 1):
+        raise ValueError(f"width_mult must be in (0, 1], got {width_mult!r}")
+    if width_mult != 1 and (pretrained or name == "tiny"):
+        raise ValueError(
+            f"width_mult={width_mult} needs a randomly initialised backbone other "
+            'than "tiny" (pretrained weights exist only at width 1; tiny has widths)'
+        )
     models = torchvision.models
-    if name.startswith("resnet"):
+    if name.startswith("resnet") and pretrained:
         weights = getattr(models, f"ResNet{name[6:]}_Weights").IMAGENET1K_V1
-        model: Backbone = _ResNet(getattr(models, name)(weights=weights if pretrained else None))
-    elif name == "efficientnet_b0":
+        model: Backbone = _ResNet(getattr(models, name)(weights=weights))
+    elif name.startswith("resnet"):
+        model = _ResNet(_scaled_resnet(name, width_mult))
+    elif name == "efficientnet_b0" and pretrained:
         weights = models.EfficientNet_B0_Weights.IMAGENET1K_V1
-        model = _EfficientNet(models.efficientnet_b0(weights=weights if pretrained else None))
+        model = _EfficientNet(models.efficientnet_b0(weights=weights))
+    elif name == "efficientnet_b0":
+        model = _EfficientNet(_scaled_efficientnet(width_mult))
     elif name == "repvgg_a0":
-        import timm  # slow to import, and only this backbone needs it
+        kwargs = dict(features_only=True, out_indices=(2, 3, 4))
+        if pretrained or width_mult == 1:
+            import timm  # slow to import, and only this backbone needs it
 
-        kwargs = dict(pretrained=pretrained, features_only=True, out_indices=(2, 3, 4))
-        model = _RepVGG(timm.create_model(name, **kwargs))
+            model = _RepVGG(timm.create_model(name, pretrained=pretrained, **kwargs))
+        else:
+            model = _RepVGG(_scaled_repvgg(width_mult, **kwargs))
     else:
         model = _Tiny(widths)
     if pretrained:
@@ -345,6 +419,7 @@ def build_feature_extractor(
     frozen_stages: int = 1,
     norm_eval: bool = True,
     widths: tuple[int, ...] = (32, 64, 128, 256),
+    width_mult: float = 1.0,
     fpn_channels: int = 256,
     num_levels: int = 5,
 ) -> BackboneWithFPN:
@@ -354,5 +429,5 @@ def build_feature_extractor(
         ValueError: as :func:`build_backbone` and :class:`FPN`.
     """
     kwargs = dict(pretrained=pretrained, frozen_stages=frozen_stages, norm_eval=norm_eval)
-    net = build_backbone(backbone, widths=widths, **kwargs)
+    net = build_backbone(backbone, widths=widths, width_mult=width_mult, **kwargs)
     return BackboneWithFPN(net, FPN(net.out_channels, fpn_channels, num_levels))

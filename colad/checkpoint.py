@@ -75,8 +75,12 @@ def load_weights(model: nn.Module, weights: dict, source: str) -> None:
     """Load ``weights`` into ``model`` strictly: every parameter and buffer, same shapes.
 
     Raises:
-        CheckpointError: naming the missing, unexpected or mis-shaped tensors.
+        CheckpointError: naming the missing, unexpected or mis-shaped tensors; for a detector
+            given another head variant's weights, naming both variants.
     """
+    check = getattr(model, "check_weights", None)  # a Detector knows its head variant
+    if check is not None:
+        check(weights, source)
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))

@@ -23,6 +23,8 @@ __all__ = [
     "profile_from_env",
     "data_root",
     "coco_root",
+    "HEADS",
+    "IOU_BRANCHES",
     "ModelConfig",
     "model_preset",
     "DataConfig",
@@ -33,6 +35,10 @@ __all__ = [
     "Experiment",
     "EXPERIMENTS",
     "experiment",
+    "TABLE1_ROWS",
+    "training_twin",
+    "describe_head",
+    "CPU_WIDTH_MULT",
 ]
 
 PROFILES = ("smoke", "quick", "full")
@@ -107,6 +113,15 @@ class _JsonConfig:
         return cls(**kwargs)
 
 
+#: Head variants (``ModelConfig.head``, :mod:`colad.heads`): the plain classifier, implicit
+#: objectness (IOP) and conditional objectness (COP).
+HEADS = ("paa", "iop", "cop")
+#: What the IoU branch does (``ModelConfig.iou_branch``): ``"infer"`` it is trained and used in
+#: the detection score (PAA); ``"train"`` trained but not used at inference (the paper's "*");
+#: ``"none"`` absent (the paper's "base" heads).
+IOU_BRANCHES = ("infer", "train", "none")
+
+
 @dataclass(frozen=True)
 class ModelConfig(_JsonConfig):
     """Everything that defines a PAA detector: architecture, anchors, assignment, losses and
@@ -119,9 +134,16 @@ class ModelConfig(_JsonConfig):
         pretrained: load ImageNet weights (downloads; GPU servers only).
         frozen_stages, norm_eval: backbone freezing (applies to pretrained weights only).
         widths: channels of the ``tiny`` backbone's four stages.
+        width_mult: scales every other backbone's channels (1: the published network; below 1:
+            a randomly initialised CPU-sized version, :func:`colad.backbone.build_backbone`).
         fpn_channels: FPN and head width.
         num_levels: FPN levels from P3 (3 = P3-P5, 5 = P3-P7).
         head_convs, norm_groups: convolutions per head tower and their GroupNorm groups.
+        head: the class prediction, one of :data:`HEADS` (``"iop"``/``"cop"`` fuse an
+            objectness prediction into it and are trained with the probability focal loss).
+        iou_branch: one of :data:`IOU_BRANCHES`. Without the IoU branch the box loss is the
+            plain mean over the positives (the paper's "base" heads) and the score is the class
+            probability alone.
         anchor_scale: anchor side in strides (8 gives 64-1024 px on P3-P7).
         pos_iou_thr, topk: IoU pre-assignment threshold and candidates per level.
         giou_weight, iou_weight, focal_alpha, focal_gamma: loss weights (``lambda`` = giou_weight
@@ -136,10 +158,13 @@ class ModelConfig(_JsonConfig):
     frozen_stages: int = 1
     norm_eval: bool = True
     widths: tuple[int, int, int, int] = (32, 64, 128, 256)
+    width_mult: float = 1.0
     fpn_channels: int = 256
     num_levels: int = 5
     head_convs: int = 4
     norm_groups: int = 32
+    head: str = "paa"
+    iou_branch: str = "infer"
     anchor_scale: float = 8.0
     pos_iou_thr: float = 0.1
     topk: int = 9
@@ -153,6 +178,13 @@ class ModelConfig(_JsonConfig):
     detections_per_img: int = 100
     score_voting: bool = True
     voting_sigma: float = 0.025
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"ModelConfig.head={self.head!r}; choose one of {', '.join(HEADS)}")
+        if self.iou_branch not in IOU_BRANCHES:
+            raise ValueError(f"ModelConfig.iou_branch={self.iou_branch!r}; choose one of "
+                             f"{', '.join(IOU_BRANCHES)}")  # fmt: skip
 
 
 def model_preset(profile: str, num_classes: int) -> ModelConfig:
@@ -337,13 +369,28 @@ class Experiment(_JsonConfig):
                              "distill.network2")  # fmt: skip
 
 
+#: On the CPU (``quick``, ``smoke``) a published backbone given by ``--backbone`` is built at
+#: this fraction of its width (same blocks and depths, random weights), so that one run takes
+#: about as long as one with the ``tiny`` backbone (ResNet-18/RepVGG-A0 at 1/4: ~1x;
+#: EfficientNet-B0/ResNet-50 at 1/8: ~1.5x; measured steps of 16 images at 128x176).
+CPU_WIDTH_MULT = dict(resnet18=0.25, repvgg_a0=0.25, efficientnet_b0=0.125, resnet50=0.125,
+                      resnet101=0.125)  # fmt: skip
+
+
+def _with_backbone(model: ModelConfig, profile: str, backbone: str | None) -> ModelConfig:
+    """``model`` with another backbone: the published network in ``full``, a narrower one
+    (:data:`CPU_WIDTH_MULT`) on the generated benchmark."""
+    if backbone is None:
+        return model
+    width_mult = 1.0 if profile == "full" else CPU_WIDTH_MULT.get(backbone, 1.0)
+    return dataclasses.replace(model, backbone=backbone, width_mult=width_mult)
+
+
 def _paa_baseline(profile: str, backbone: str | None = None) -> Experiment:
     """PAA assigning for itself: the paper's 1x schedule on COCO (``full``) or a short schedule
     on the generated benchmark."""
     num_classes = 80 if profile == "full" else 6
-    model = model_preset(profile, num_classes)
-    if backbone is not None:
-        model = dataclasses.replace(model, backbone=backbone)
+    model = _with_backbone(model_preset(profile, num_classes), profile, backbone)
     if profile == "full":
         data, train = DataConfig("full"), TrainConfig()
     elif profile == "quick":
@@ -395,7 +442,7 @@ def _network(profile: str, size: str, backbone: str | None = None) -> ModelConfi
         widths = tuple(w // 2 for w in model.widths)
         model = dataclasses.replace(model, widths=widths, fpn_channels=model.fpn_channels // 2,
                                     norm_groups=model.norm_groups // 2)  # fmt: skip
-    return model if backbone is None else dataclasses.replace(model, backbone=backbone)
+    return _with_backbone(model, profile, backbone)
 
 
 def _distill_experiment(
@@ -450,22 +497,77 @@ def _solad(profile: str, backbone: str | None = None, teacher: str | None = None
                                kd_cls_weight=2.0, kd_min_iou=0.5)  # fmt: skip
 
 
-def _colad_with(rule: str):
+def _colad_with(rule: str, cop: bool = False):
+    label = ("colad" if rule == "std_mean" else "colad-fisher") + ("-cop" if cop else "")
+
     def build(profile: str, backbone: str | None = None) -> Experiment:
+        network2 = _network(profile, "big")
+        if cop:  # the released recipe: network 2 (R101 in full) has a COP head
+            network2 = dataclasses.replace(network2, head="cop")
         experiment = _distill_experiment(
-            "colad" if rule == "std_mean" else "colad-fisher", profile, "small", "colad",
-            backbone, network2=_network(profile, "big"), switch_rule=rule,
-        )  # fmt: skip
+            label, profile, "small", "colad", backbone, network2=network2, switch_rule=rule
+        )
         if profile == "full":  # the released recipe's 2x (its multi-scale resize is not here)
             train = dataclasses.replace(experiment.train, epochs=24, lr_steps=(16, 22))
             experiment = dataclasses.replace(experiment, train=train)
         return experiment
 
     build.__doc__ = (
-        f"CoLAD: the small and the big network co-train on one assignment, "
-        f"switched per (object, level) by the {rule} rule (ALGORITHMS.md §5)."
+        f"CoLAD: the small and the big network{' (with a COP head)' if cop else ''} co-train on "
+        f"one assignment, switched per (object, level) by the {rule} rule (ALGORITHMS.md §5)."
     )
     return build
+
+
+def _auxiliary(head: str, iou_branch: str, label: str):
+    def build(profile: str, backbone: str | None = None) -> Experiment:
+        base = _paa_sized("small")(profile, backbone)
+        model = dataclasses.replace(base.model, head=head, iou_branch=iou_branch)
+        return dataclasses.replace(base, name=f"{label}-{model.backbone}-{profile}", model=model)
+
+    build.__doc__ = (
+        f"PAA with {describe_head(head, iou_branch)}, otherwise ``paa-small`` (the paper's "
+        "appendix Table 1; ALGORITHMS.md §7-§9)."
+    )
+    return build
+
+
+def describe_head(head: str, iou_branch: str) -> str:
+    """A short name for a head variant, e.g. ``"COP head without the IoU branch"``."""
+    name = {"paa": "plain PAA head", "iop": "IOP head", "cop": "COP head"}[head]
+    branch = {"infer": "with the IoU branch", "train": "with the IoU branch (not scored)",
+              "none": "without the IoU branch"}[iou_branch]  # fmt: skip
+    return f"{name} {branch}"
+
+
+#: The rows of the paper's appendix Table 1 as experiments: ``(experiment, head, iou_branch)``.
+#: Row 1 is PAA itself (``paa-small``: in ``full`` the PAA baseline run, on the CPU the small
+#: network of the distillation chapters, which every row shares). ``-noiou-infer`` rows are
+#: evaluated from their twin's trained weights (:func:`training_twin`).
+TABLE1_ROWS = (
+    ("paa-small", "paa", "infer"),
+    ("paa-iop", "iop", "infer"),
+    ("paa-cop", "cop", "infer"),
+    ("paa-iop-noiou-infer", "iop", "train"),
+    ("paa-cop-noiou-infer", "cop", "train"),
+    ("paa-iop-base", "iop", "none"),
+    ("paa-cop-base", "cop", "none"),
+)
+
+
+def training_twin(experiment: Experiment) -> Experiment | None:
+    """The experiment whose training is this one's, when they differ only in whether the IoU
+    branch scores detections: ``iou_branch="train"`` networks are the ``"infer"`` ones, trained
+    identically and scored without the IoU branch. ``None`` for every other experiment.
+
+    The engine trains (or finds in the run cache) the twin and evaluates its weights, so the
+    "trained but not used" rows cost one evaluation and differ from their twin in scoring only.
+    """
+    if experiment.model.iou_branch != "train" or experiment.method != "baseline":
+        return None
+    model = dataclasses.replace(experiment.model, iou_branch="infer")
+    name = experiment.name.replace("-noiou-infer", "", 1)
+    return dataclasses.replace(experiment, name=name, model=model)
 
 
 #: Named experiments: ``experiment(name, profile)`` builds them.
@@ -479,6 +581,8 @@ EXPERIMENTS = {
     "solad": _solad,
     "colad": _colad_with("std_mean"),
     "colad-fisher": _colad_with("fisher"),
+    "colad-cop": _colad_with("std_mean", cop=True),
+    **{name: _auxiliary(head, iou, name) for name, head, iou in TABLE1_ROWS[1:]},
 }
 
 

@@ -22,9 +22,10 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 from colad import anchors as anchor_ops
 from colad.backbone import build_feature_extractor
 from colad.boxes import BoxCoder
+from colad.checkpoint import CheckpointError
 from colad.config import ModelConfig
 from colad.data import batch_images
-from colad.heads import PAAHead
+from colad.heads import PAAHead, class_output, class_probabilities, describe_head, head_of_weights
 from colad.losses import paa_losses
 from colad.paa import Assignment, paa_assign
 
@@ -38,8 +39,8 @@ class Predictions:
     """Head outputs of one batch together with the anchors they refer to.
 
     Attributes:
-        head (dict[str, Tensor]): ``cls_logits`` [B, A, C], ``bbox_regression`` [B, A, 4],
-            ``iou_logits`` [B, A].
+        head (dict[str, Tensor]): ``cls_logits`` (PAA) or ``cls_probs`` (IOP, COP) [B, A, C],
+            ``bbox_regression`` [B, A, 4] and, with the IoU branch, ``iou_logits`` [B, A].
         anchors (Tensor[A, 4]): xyxy, shared by the batch.
         valid (Tensor[B, A] bool): anchors inside each image's own padded extent.
         num_anchors_per_level (list[int]): ``H_l * W_l``.
@@ -76,6 +77,7 @@ class Detector(nn.Module):
             frozen_stages=config.frozen_stages,
             norm_eval=config.norm_eval,
             widths=config.widths,
+            width_mult=config.width_mult,
             fpn_channels=config.fpn_channels,
             num_levels=config.num_levels,
         )
@@ -85,8 +87,28 @@ class Detector(nn.Module):
             config.num_levels,
             num_convs=config.head_convs,
             norm_groups=config.norm_groups,
+            head=config.head,
+            iou_branch=config.iou_branch,
         )
         self.box_coder = BoxCoder()
+
+    @property
+    def head_variant(self) -> str:
+        """This detector's head, in words (e.g. ``"COP head with the IoU branch"``)."""
+        return describe_head(self.config.head, self.config.iou_branch)
+
+    def check_weights(self, weights: dict, source: str) -> None:
+        """Raise CheckpointError if ``weights`` hold another head variant than this detector's
+        (before a strict load would list the differing tensors without saying why)."""
+        head, has_iou = head_of_weights(weights)
+        if (head, has_iou) != (self.config.head, self.config.iou_branch != "none"):
+            theirs = describe_head(head, "infer" if has_iou else "none")
+            raise CheckpointError(
+                f"{source} holds a {theirs}; this detector has a {self.head_variant} "
+                f"(ModelConfig.head={self.config.head!r}, "
+                f"iou_branch={self.config.iou_branch!r}). Build the detector with the "
+                "checkpoint's own experiment."
+            )
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -124,8 +146,9 @@ class Detector(nn.Module):
     def assign(self, predictions: Predictions, targets: list[dict[str, Tensor]]) -> Assignment:
         """PAA assignment from these predictions (the detector's own, or a teacher's)."""
         cfg = self.config
+        cls_scores, probabilities = class_output(predictions.head)
         return paa_assign(
-            predictions.head["cls_logits"],
+            cls_scores,
             predictions.head["bbox_regression"],
             predictions.anchors,
             predictions.valid,
@@ -137,14 +160,21 @@ class Detector(nn.Module):
             giou_weight=cfg.giou_weight,
             alpha=cfg.focal_alpha,
             gamma=cfg.focal_gamma,
+            probabilities=probabilities,
         )
 
     def loss(
-        self, predictions: Predictions, assignment: Assignment, *, box_weighting: str = "iou"
+        self, predictions: Predictions, assignment: Assignment, *, box_weighting: str | None = None
     ) -> dict[str, Tensor]:
-        """The PAA losses of these predictions under ``assignment`` (whoever made it);
-        ``box_weighting="mean"`` is LAD's plain GIoU mean (:func:`colad.losses.paa_losses`)."""
+        """The PAA losses of these predictions under ``assignment`` (whoever made it).
+
+        ``box_weighting`` (:func:`colad.losses.paa_losses`) defaults to PAA's IoU-weighted GIoU,
+        or to the plain mean over the positives for a head without the IoU branch (the paper's
+        "base" heads); LAD's student asks for ``"mean"``.
+        """
         cfg = self.config
+        if box_weighting is None:
+            box_weighting = "mean" if cfg.iou_branch == "none" else "iou"
         return paa_losses(
             predictions.head,
             predictions.anchors,
@@ -229,11 +259,17 @@ def score_voting(
     return torch.where(total > 0, voted, boxes)  # a degenerate box votes for nothing: keep it
 
 
-def detection_scores(predictions: Predictions) -> Tensor:
-    """PAA's score of every (anchor, class), ``S = sqrt(sigmoid(cls) * sigmoid(iou))``
-    (ALGORITHMS.md §3.8), zero at anchors outside an image: Tensor[B, A, C]."""
+def detection_scores(predictions: Predictions, use_iou: bool = True) -> Tensor:
+    """The score of every (anchor, class), zero at anchors outside an image: Tensor[B, A, C].
+
+    PAA's ``S = sqrt(p * sigmoid(iou))`` (ALGORITHMS.md §3.8), with ``p`` the class probability
+    (``sigmoid(cls)``, or an IOP/COP head's fused probability); ``S = p`` when the IoU branch is
+    absent or ``use_iou`` is false (trained but not used).
+    """
     head = predictions.head
-    cls_prob = torch.sigmoid(head["cls_logits"].float())
+    cls_prob = class_probabilities(head)
+    if not use_iou or "iou_logits" not in head:
+        return cls_prob * predictions.valid[..., None]
     iou_prob = torch.sigmoid(head["iou_logits"].float())
     return torch.sqrt(cls_prob * iou_prob[..., None]) * predictions.valid[..., None]
 
@@ -243,7 +279,8 @@ def postprocess(
 ) -> list[dict[str, Tensor]]:
     """PAA inference (ALGORITHMS.md §3.8), per image.
 
-    1. Score every (anchor, class) as ``S = sqrt(sigmoid(cls) * sigmoid(iou))``.
+    1. Score every (anchor, class) (:func:`detection_scores`): ``S = sqrt(p * sigmoid(iou))``,
+       or ``S = p`` where the IoU branch is absent or not used (``config.iou_branch``).
     2. On each level keep the ``nms_pre`` anchors with the best ``max_c S``.
     3. Decode their boxes, clamped to the image; keep pairs with ``S > score_thresh``.
     4. Class-wise NMS at ``nms_thresh``; keep the best ``detections_per_img``.
@@ -255,7 +292,7 @@ def postprocess(
     """
     box_coder = box_coder or BoxCoder()
     head = predictions.head
-    scores = detection_scores(predictions)
+    scores = detection_scores(predictions, use_iou=config.iou_branch == "infer")
     results = []
     for k, image_size in enumerate(predictions.image_sizes):
         keep = _top_per_level(scores[k].amax(-1), predictions.num_anchors_per_level, config.nms_pre)

@@ -28,6 +28,7 @@ from colad.anchors import level_of_anchor
 from colad.config import Experiment, ModelConfig
 from colad.detector import Detector, Predictions
 from colad.gmm import fit_two_component_gmm
+from colad.heads import class_output, describe_head
 from colad.losses import kd_losses
 from colad.paa import Assignment, PAATrace, anchor_costs, max_iou_assign, pad_targets, reassign
 
@@ -313,7 +314,8 @@ def colad_trace(
         first, second: the two networks' predictions on the same images (same anchors).
         config: the shared assignment settings (anchors, IoU threshold, top-k, cost weights).
     """
-    if first.head["cls_logits"].shape != second.head["cls_logits"].shape:
+    classes = [class_output(p.head) for p in (first, second)]
+    if classes[0][0].shape != classes[1][0].shape:
         raise ValueError("CoLAD: the two networks' outputs differ in shape (anchors or classes)")
     anchors, valid, num_per_level = first.anchors, first.valid, first.num_anchors_per_level
     gt_boxes, gt_labels, gt_mask = pad_targets(targets, device=anchors.device)
@@ -324,15 +326,16 @@ def colad_trace(
                    alpha=config.focal_alpha, gamma=config.focal_gamma)  # fmt: skip
     costs = [
         anchor_costs(
-            p.head["cls_logits"],
+            scores,
             p.head["bbox_regression"],
             anchors,
             pre,
             gt_boxes,
             gt_labels,
+            probabilities=probabilities,
             **weights,
         )  # fmt: skip
-        for p in (first, second)
+        for p, (scores, probabilities) in zip((first, second), classes, strict=True)
     ]
     batch, num_gts = gt_mask.shape
     num_levels = len(num_per_level)
@@ -461,4 +464,12 @@ def build_trainee(experiment: Experiment, teacher: Detector | None = None) -> nn
         return CoLADPair(net1, Detector(distill.network2), distill.switch_rule)
     if teacher is None:
         raise ValueError(f"{experiment.name}: method {method!r} needs a trained teacher")
+    if method in ("kd", "solad"):
+        for role, cfg in (("student", experiment.model), ("teacher", teacher.config)):
+            if cfg.head != "paa" or cfg.iou_branch == "none":
+                raise ValueError(
+                    f"{experiment.name}: soft labels ({method!r}) distil class logits and the IoU "
+                    f"branch, so the {role} needs a plain PAA head with the IoU branch; it has a "
+                    f"{describe_head(cfg.head, cfg.iou_branch)}"
+                )
     return TeacherStudent(Detector(experiment.model), teacher, method, distill)

@@ -427,6 +427,10 @@ def train(
     cfg = experiment.train
     log = log or tqdm.write
     say = log if env.is_main else (lambda message: None)
+    twin = config.training_twin(experiment)
+    if twin is not None:  # trained but not used: the twin's weights, scored without IoU
+        _score_twin(experiment, twin, path, env=env, progress=progress, say=say)
+        return
     # The teacher first: training it (run cache) must not disturb the student's seeding.
     teacher = load_teacher(experiment, progress=progress) if experiment.distill.teacher else None
     seed_everything(cfg.seed)
@@ -567,7 +571,39 @@ def train(
     dist.barrier()
 
 
-def _write_results(path, experiment, loop, evaluated, digests, env, source, say, *, eval_seconds):
+def _score_twin(experiment: Experiment, twin: Experiment, path: Path, *, env, progress, say):
+    """Make ``experiment``'s run from its training twin's (:func:`colad.config.training_twin`):
+    the twin's weights and history (trained first through the run cache), evaluated with this
+    experiment's scoring. ``metrics.json`` names the twin's run in ``trained_by``."""
+    trained = run(twin, progress=progress)
+    say(f"{experiment.name}: the weights of {trained.path.name}, scored without the IoU branch")
+    _, val_set, source = build_datasets(experiment)
+    model = build_model(experiment).to(env.device)
+    state = load_checkpoint(trained.checkpoint_path)
+    load_weights(model, state["model"], str(trained.checkpoint_path))
+    loop = _Loop()
+    loop.restore(state)
+    loop.per_epoch = []  # the twin's per-epoch metrics were scored with the IoU branch
+    if env.is_main:
+        path.mkdir(parents=True, exist_ok=True)
+        payload = {"experiment": experiment.to_dict(), "key": run_key(experiment), "data": source}
+        _write_json(path / CONFIG, payload)
+        save_checkpoint(path / CHECKPOINT, {**state, "experiment": _plain(experiment)})
+        _write_json(path / HISTORY, loop.history)
+    started = time.perf_counter()
+    batch_size = max(1, experiment.train.batch_size // env.world_size)
+    evaluated = _evaluate_networks(model, val_set, env, batch_size=batch_size, progress=progress)
+    digests = dist.gather_lists([_weights_digest(model)])
+    if env.is_main:
+        _write_results(path, experiment, loop, evaluated, digests, env, source, say,
+                       eval_seconds=time.perf_counter() - started,
+                       extra={"trained_by": trained.path.name})  # fmt: skip
+    dist.barrier()
+
+
+def _write_results(
+    path, experiment, loop, evaluated, digests, env, source, say, *, eval_seconds, extra=None
+):  # fmt: skip
     """Rank 0's last files: detections of every network, then ``metrics.json`` (which marks the
     run complete) with the first network's metrics as the run's and every network's beside."""
     names = list(evaluated)
@@ -593,6 +629,7 @@ def _write_results(path, experiment, loop, evaluated, digests, env, source, say,
         "replica_digests": digests,
         "data": source,
         "checkpoint_bytes": (path / CHECKPOINT).stat().st_size,
+        **(extra or {}),
     }
     _write_json(path / METRICS, summary)
     say(

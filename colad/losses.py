@@ -1,4 +1,5 @@
-"""Training losses: focal classification, GIoU, IoU prediction, and the soft-label (KD) losses.
+"""Training losses: focal classification (on logits or on probabilities), GIoU, IoU prediction,
+and the soft-label (KD) losses.
 
 Every loss is a sum with an explicit normaliser (ALGORITHMS.md §3.7), and the hard-label losses
 take an :class:`colad.paa.Assignment`, so whoever assigned the anchors (the network itself, a
@@ -14,29 +15,80 @@ from torch import Tensor
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from colad.boxes import BoxCoder, aligned_giou, aligned_iou
+from colad.heads import class_output
 from colad.paa import IGNORE, Assignment
 
-__all__ = ["classification_loss", "paa_losses", "BOX_WEIGHTINGS", "focal_kl", "kd_losses"]
+__all__ = [
+    "prob_focal",
+    "focal_terms",
+    "classification_loss",
+    "paa_losses",
+    "BOX_WEIGHTINGS",
+    "focal_kl",
+    "kd_losses",
+]
 
 #: How :func:`paa_losses` averages the GIoU loss over the positives: ``"iou"`` weights each box
 #: by its IoU and divides by their sum (self-assigning PAA); ``"mean"`` is the plain mean over the
-#: positives (LAD's student and both CoLAD networks, ALGORITHMS.md §4).
+#: positives (LAD's student, both CoLAD networks, and the heads without an IoU branch: the
+#: paper's "base" normaliser, ALGORITHMS.md §4, §8.2).
 BOX_WEIGHTINGS = ("iou", "mean")
 
 WEIGHT_FLOOR = 1e-12  # the IoU-weight clamp of ALGORITHMS.md §3.7
 
 
+def prob_focal(probs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Elementwise focal loss of predictions that are already probabilities (IOP, COP).
+
+    ``BCE(p, y) * (alpha y + (1 - alpha)(1 - y)) * q^gamma`` with ``q = 1 - p`` where ``y = 1`` and
+    ``q = p`` where ``y = 0``: the sigmoid focal loss with the sigmoid taken out. The
+    cross-entropy's logarithms are clamped at -100 (PyTorch's ``binary_cross_entropy``), so a
+    probability of exactly 0 or 1 gives a large finite loss, not ``inf``.
+
+    Args:
+        probs (Tensor[...]): probabilities in [0, 1].
+        targets (Tensor[...]): targets in [0, 1], same shape.
+
+    Returns:
+        Tensor[...] float32: the loss of every element (not reduced).
+
+    Reference:
+        Nguyen et al., WACV 2022, appendix A; ALGORITHMS.md §8.2.
+    """
+    if probs.shape != targets.shape:
+        raise ValueError(f"prob_focal: probs {tuple(probs.shape)} vs targets "
+                         f"{tuple(targets.shape)}")  # fmt: skip
+    probs, targets = probs.float(), targets.float()
+    # binary_cross_entropy refuses to run under autocast; it is float32 here anyway.
+    with torch.autocast(probs.device.type, enabled=False):
+        bce = F.binary_cross_entropy(probs, targets, reduction="none")
+    miss = probs * (1 - targets) + (1 - probs) * targets
+    return bce * (alpha * targets + (1 - alpha) * (1 - targets)) * miss.pow(gamma)
+
+
+def focal_terms(
+    scores: Tensor, targets: Tensor, *, probabilities: bool, alpha: float = 0.25,
+    gamma: float = 2.0,
+) -> Tensor:  # fmt: skip
+    """The elementwise focal loss of class logits (sigmoid focal loss) or of class
+    probabilities (:func:`prob_focal`), float32."""
+    if probabilities:
+        return prob_focal(scores, targets, alpha, gamma)
+    return sigmoid_focal_loss(scores.float(), targets.float(), alpha, gamma)
+
+
 def classification_loss(
-    cls_logits: Tensor,
+    cls_scores: Tensor,
     assignment: Assignment,
     *,
+    probabilities: bool = False,
     alpha: float = 0.25,
     gamma: float = 2.0,
 ) -> Tensor:
-    """Sigmoid focal loss summed over every non-ignored anchor and every class (unnormalised).
+    """Focal loss summed over every non-ignored anchor and every class (unnormalised).
 
     Args:
-        cls_logits (Tensor[B, A, C]): class logits.
+        cls_scores (Tensor[B, A, C]): class logits, or probabilities with ``probabilities``.
         assignment: positives get their object's class as target, background gets all zeros,
             ignored anchors (``matched_idxs == -2``) nothing.
 
@@ -44,12 +96,12 @@ def classification_loss(
         Tensor[]: the sum.
 
     Reference:
-        Lin et al., ICCV 2017 (focal loss); ALGORITHMS.md §3.7.
+        Lin et al., ICCV 2017 (focal loss); ALGORITHMS.md §3.7, §8.2.
     """
-    num_classes = cls_logits.shape[-1]
+    num_classes = cls_scores.shape[-1]
     labels = assignment.labels(num_classes)
-    targets = F.one_hot(labels, num_classes + 1)[..., :num_classes].to(cls_logits.dtype)
-    loss = sigmoid_focal_loss(cls_logits.float(), targets.float(), alpha, gamma)
+    targets = F.one_hot(labels, num_classes + 1)[..., :num_classes].float()
+    loss = focal_terms(cls_scores, targets, probabilities=probabilities, alpha=alpha, gamma=gamma)
     weight = (assignment.matched_idxs != IGNORE).to(loss.dtype)
     return (loss * weight[..., None]).sum()
 
@@ -70,41 +122,46 @@ def paa_losses(
 
     With ``P`` the positives and ``N_p = |P|``:
 
-    * ``loss_cls`` = focal loss over all valid anchors and classes / ``max(N_p, B)``;
+    * ``loss_cls`` = focal loss over all valid anchors and classes / ``max(N_p, B)`` (on the
+      probabilities of an IOP or COP head, :func:`prob_focal`);
     * ``loss_bbox`` = ``giou_weight * sum_P t_i (1 - GIoU(b_i, B_i)) / sum_P t_i``, where
       ``t_i = IoU(b_i, B_i)`` (detached) weights each box by how well it is already localised
       (``box_weighting="iou"``, PAA); or ``giou_weight * sum_P (1 - GIoU(b_i, B_i)) / N_p``
-      (``"mean"``, LAD's student);
-    * ``loss_iou`` = ``iou_weight * sum_P BCE(iou_logit_i, t_i) / N_p``.
+      (``"mean"``, LAD's student, heads without an IoU branch);
+    * ``loss_iou`` = ``iou_weight * sum_P BCE(iou_logit_i, t_i) / N_p``, for heads with the IoU
+      branch.
 
     With no positive, the box and IoU losses are zero times the predictions' sum, so the graph
     (and DistributedDataParallel) still sees every parameter.
 
     Args:
-        head_outputs: ``cls_logits`` (Tensor[B, A, C]), ``bbox_regression`` (Tensor[B, A, 4]),
-            ``iou_logits`` (Tensor[B, A]).
+        head_outputs: ``cls_logits`` or ``cls_probs`` (Tensor[B, A, C]), ``bbox_regression``
+            (Tensor[B, A, 4]) and, with the IoU branch, ``iou_logits`` (Tensor[B, A]).
         anchors (Tensor[A, 4]): xyxy.
         assignment: from :func:`colad.paa.paa_assign` (or a teacher's).
 
     Returns:
-        ``{"loss_cls", "loss_bbox", "loss_iou"}``, scalar tensors.
+        ``{"loss_cls", "loss_bbox"}`` and ``"loss_iou"`` (with the IoU branch), scalar tensors.
 
     Reference:
-        Kim & Lee, ECCV 2020; ALGORITHMS.md §3.7.
+        Kim & Lee, ECCV 2020; ALGORITHMS.md §3.7, §8.2, §9.
     """
     if box_weighting not in BOX_WEIGHTINGS:
         raise ValueError(f"box_weighting={box_weighting!r}; choose one of {BOX_WEIGHTINGS}")
     box_coder = box_coder or BoxCoder()
-    cls_logits = head_outputs["cls_logits"]
-    deltas, iou_logits = head_outputs["bbox_regression"], head_outputs["iou_logits"]
+    cls_scores, probabilities = class_output(head_outputs)
+    deltas, iou_logits = head_outputs["bbox_regression"], head_outputs.get("iou_logits")
     positive = assignment.positive
     num_pos = positive.sum()
-    batch = cls_logits.shape[0]
-    loss_cls = classification_loss(cls_logits, assignment, alpha=alpha, gamma=gamma)
+    batch = cls_scores.shape[0]
+    loss_cls = classification_loss(
+        cls_scores, assignment, probabilities=probabilities, alpha=alpha, gamma=gamma
+    )
     losses = {"loss_cls": loss_cls / num_pos.clamp(min=batch).to(loss_cls.dtype)}
     if int(num_pos) == 0:
         losses["loss_bbox"] = deltas.sum() * 0.0
-        losses["loss_iou"] = iou_logits.sum() * 0.0
+        if iou_logits is not None:
+            losses["loss_iou"] = iou_logits.sum() * 0.0
         return losses
     image, anchor = torch.nonzero(positive, as_tuple=True)
     boxes = box_coder.decode(deltas[image, anchor].float(), anchors[anchor])
@@ -115,6 +172,8 @@ def paa_losses(
         weight = torch.ones_like(weight)
     giou = aligned_giou(boxes, target_boxes)
     losses["loss_bbox"] = giou_weight * (weight * (1 - giou)).sum() / weight.sum()
+    if iou_logits is None:
+        return losses
     bce = F.binary_cross_entropy_with_logits(
         iou_logits[image, anchor].float(), iou_targets, reduction="sum"
     )

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import box_iou, sigmoid_focal_loss
+from torchvision.ops import box_iou
 
 from colad.boxes import BoxCoder, aligned_giou
 from colad.gmm import GaussianMixture1D, fit_two_component_gmm, log_sum_two, mixture_log_prob
@@ -148,7 +148,7 @@ def max_iou_assign(
 
 @torch.no_grad()
 def anchor_costs(
-    cls_logits: Tensor,
+    cls_scores: Tensor,
     bbox_regression: Tensor,
     anchors: Tensor,
     matched_idxs: Tensor,
@@ -159,6 +159,7 @@ def anchor_costs(
     giou_weight: float = 1.3,
     alpha: float = 0.25,
     gamma: float = 2.0,
+    probabilities: bool = False,
 ) -> Tensor:
     """The PAA anchor cost ``c_i = sum_k FL(p_i^k, y^k) + lambda * (1 - GIoU(b_i, B_g))``.
 
@@ -167,7 +168,9 @@ def anchor_costs(
     their negative terms. Computed without gradient: costs only rank anchors.
 
     Args:
-        cls_logits (Tensor[B, A, C]), bbox_regression (Tensor[B, A, 4]): head outputs.
+        cls_scores (Tensor[B, A, C]), bbox_regression (Tensor[B, A, 4]): head outputs; class
+            logits, or probabilities (IOP, COP heads) with ``probabilities=True``, whose focal
+            term is then :func:`colad.losses.prob_focal`.
         anchors (Tensor[A, 4]): xyxy.
         matched_idxs (Tensor[B, A] long): the pre-assignment of :func:`max_iou_assign`.
         gt_boxes (Tensor[B, M, 4]), gt_labels (Tensor[B, M]): the objects.
@@ -178,12 +181,15 @@ def anchor_costs(
     Reference:
         Kim & Lee, ECCV 2020, Eq. 2; ALGORITHMS.md §3.2; chapter {ref}`sec-paa`.
     """
+    from colad.losses import focal_terms  # colad.losses imports this module
+
     box_coder = box_coder or BoxCoder()
-    costs = torch.full(matched_idxs.shape, math.inf, device=cls_logits.device)
+    costs = torch.full(matched_idxs.shape, math.inf, device=cls_scores.device)
     image, anchor = torch.nonzero(matched_idxs >= 0, as_tuple=True)
     gt = matched_idxs[image, anchor]
-    targets = F.one_hot(gt_labels[image, gt], cls_logits.shape[-1]).float()
-    focal = sigmoid_focal_loss(cls_logits[image, anchor].float(), targets, alpha, gamma)
+    targets = F.one_hot(gt_labels[image, gt], cls_scores.shape[-1]).float()
+    focal = focal_terms(cls_scores[image, anchor], targets, probabilities=probabilities,
+                        alpha=alpha, gamma=gamma)  # fmt: skip
     boxes = box_coder.decode(bbox_regression[image, anchor].float(), anchors[anchor])
     giou = aligned_giou(boxes, gt_boxes[image, gt])
     costs[image, anchor] = focal.sum(-1) + giou_weight * (1 - giou)
@@ -310,7 +316,7 @@ class PAATrace:
 
 @torch.no_grad()
 def paa_trace(
-    cls_logits: Tensor,
+    cls_scores: Tensor,
     bbox_regression: Tensor,
     anchors: Tensor,
     valid: Tensor,
@@ -323,11 +329,13 @@ def paa_trace(
     giou_weight: float = 1.3,
     alpha: float = 0.25,
     gamma: float = 2.0,
+    probabilities: bool = False,
 ) -> PAATrace:
     """Run the PAA steps (ALGORITHMS.md §3.1-3.5) and keep every intermediate value.
 
     Args:
-        cls_logits (Tensor[B, A, C]), bbox_regression (Tensor[B, A, 4]): head outputs.
+        cls_scores (Tensor[B, A, C]), bbox_regression (Tensor[B, A, 4]): head outputs (class
+            probabilities rather than logits with ``probabilities=True``: IOP, COP).
         anchors (Tensor[A, 4]), valid (Tensor[B, A] bool): from :mod:`colad.anchors`.
         targets: per image ``{"boxes": Tensor[n, 4], "labels": Tensor[n]}``.
         num_per_level: anchors on each level.
@@ -341,8 +349,8 @@ def paa_trace(
         anchors, valid, gt_boxes, gt_mask, pos_iou_thr=pos_iou_thr, neg_iou_thr=pos_iou_thr
     )
     costs = anchor_costs(
-        cls_logits, bbox_regression, anchors, pre, gt_boxes, gt_labels,
-        box_coder=box_coder, giou_weight=giou_weight, alpha=alpha, gamma=gamma,
+        cls_scores, bbox_regression, anchors, pre, gt_boxes, gt_labels, box_coder=box_coder,
+        giou_weight=giou_weight, alpha=alpha, gamma=gamma, probabilities=probabilities,
     )  # fmt: skip
     return reassign(costs, pre, gt_boxes, gt_labels, gt_mask, num_per_level, topk=topk)
 

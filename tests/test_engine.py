@@ -170,8 +170,11 @@ def test_weights_for_another_architecture_are_an_error(finished):
     model = engine.build_model(dataclasses.replace(finished.experiment, model=wider))
     with pytest.raises(engine.CheckpointError, match="does not match the model's architecture"):
         engine.load_weights(model, weights, "the run")
-    del weights["head.iou_logits.weight"]
-    with pytest.raises(engine.CheckpointError, match="missing: head.iou_logits.weight"):
+    del weights["head.cls_logits.bias"]
+    with pytest.raises(engine.CheckpointError, match="missing: head.cls_logits.bias"):
+        engine.load_weights(engine.build_model(finished.experiment), weights, "the run")
+    del weights["head.iou_logits.weight"]  # now it looks like a head without the IoU branch
+    with pytest.raises(engine.CheckpointError, match="holds a plain PAA head without the IoU"):
         engine.load_weights(engine.build_model(finished.experiment), weights, "the run")
 
 
