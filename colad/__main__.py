@@ -187,6 +187,46 @@ def _describe_net(model) -> str:
     return f"{model.backbone}, FPN {model.fpn_channels}"
 
 
+def _bench_setup(args: argparse.Namespace) -> tuple[bool, list[str], str]:
+    """Check the options shared by ``bench train`` and ``bench infer``; return whether it times
+    training, the devices to time on and what one timed pass is called."""
+    if args.repeats < 1 or args.batch < 1 or min(args.size) < 32 or args.classes < 1:
+        raise ValueError("--repeats, --batch and --classes must be positive, --size at least 32")
+    training = args.bench_command == "train"
+    return training, _bench_devices(args), "training steps" if training else "inference passes"
+
+
+def _cmd_bench_head(args: argparse.Namespace) -> int:
+    """``bench train|infer --head iop|cop``: the head variant against the plain PAA head."""
+    from . import bench
+    from .config import describe_head
+
+    training, devices, what = _bench_setup(args)
+    height, width = args.size
+    print(f"{describe_head(args.head, args.iou_branch)} vs the plain PAA head: {args.backbone}, "
+          f"FPN {args.fpn_channels}, {height}x{width} px, batch {args.batch}, {args.classes} "
+          f"classes; median of {args.repeats} {what}")  # fmt: skip
+    print(
+        f"{'device':>7} {'PAA ms':>9} {args.head.upper() + ' ms':>9} {'ratio':>6} "
+        f"{'target':>7} {'P3 memory (PAA, ' + args.head.upper() + ')':>26} {'ratio':>6}"
+    )
+    for device in devices:
+        amp = args.amp and device == "cuda"
+        r = bench.bench_head(
+            args.head, training=training, iou_branch=args.iou_branch, backbone=args.backbone,
+            fpn_channels=args.fpn_channels, image_size=tuple(args.size), batch=args.batch,
+            num_classes=args.classes, repeats=args.repeats, device=device, amp=amp,
+            **({} if training else {"candidates": args.candidates}),
+        )  # fmt: skip
+        label = device + (" amp" if amp else "")
+        memory = f"{r['paa_p3_mb']:.1f} MB, {r['variant_p3_mb']:.1f} MB"
+        print(
+            f"{label:>7} {r['paa_ms']:>9.1f} {r['variant_ms']:>9.1f} {r['ratio']:>6.3f} "
+            f"{'<= ' + str(r['target']):>7} {memory:>26} {r['memory_ratio']:>6.3f}"
+        )
+    return 0
+
+
 def _cmd_bench_model(args: argparse.Namespace) -> int:
     """``bench train`` and ``bench infer``: PAA against the matching RetinaNet."""
     from . import bench
@@ -194,13 +234,11 @@ def _cmd_bench_model(args: argparse.Namespace) -> int:
     if getattr(args, "method", None):
         return _cmd_bench_method(args)
     args.batch = args.batch or 2
+    if args.head:
+        return _cmd_bench_head(args)
 
-    if args.repeats < 1 or args.batch < 1 or min(args.size) < 32 or args.classes < 1:
-        raise ValueError("--repeats, --batch and --classes must be positive, --size at least 32")
-    training = args.bench_command == "train"
-    devices = _bench_devices(args)
+    training, devices, what = _bench_setup(args)
     height, width = args.size
-    what = "training steps" if training else "inference passes"
     print(
         f"{args.backbone}, FPN {args.fpn_channels}, {height}x{width} px, batch {args.batch}, "
         f"{args.classes} classes; median of {args.repeats} {what}"
@@ -700,6 +738,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--repeats", type=int, default=10, help="timed runs of each (median)")
         sub.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
         sub.add_argument("--cpu-only", action="store_true", help="skip the GPU even if present")
+        sub.add_argument(
+            "--head", choices=("iop", "cop"), default=None,
+            help="instead: time this head variant against the plain PAA head in the same "
+            "detector, and the memory each head holds for backward on P3",
+        )  # fmt: skip
+        sub.add_argument(
+            "--iou-branch", choices=("infer", "train", "none"), default="infer",
+            help="with --head: the variant's IoU branch (scored, trained only, or absent)",
+        )  # fmt: skip
         if name == "train":
             sub.add_argument(
                 "--method",

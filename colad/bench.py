@@ -445,3 +445,106 @@ def bench_method(
         "method_ms": medians[method], "reference_ms": reference,
         "ratio": medians[method] / reference, "target": target,
     }  # fmt: skip
+
+
+def saved_bytes(fn: Callable, *args) -> int:
+    """Bytes of the distinct tensors autograd saves for the backward pass while ``fn(*args)``
+    runs: the activation memory a training step holds, on any device."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn(*args)
+    return sum(storages.values())
+
+
+def bench_head(
+    head: str,
+    *,
+    training: bool = True,
+    iou_branch: str = "infer",
+    backbone: str = "resnet18",
+    fpn_channels: int = 256,
+    image_size: tuple[int, int] = (512, 768),
+    batch: int = 2,
+    num_classes: int = 80,
+    repeats: int = 10,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    candidates: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Time a head variant (IOP, COP; :mod:`colad.heads`) against the plain PAA head in the same
+    detector (backbone, FPN, towers), alternating them on the same images and targets.
+
+    ``training``: one SGD step each; otherwise inference, each detector's score threshold set so
+    that about ``candidates`` (box, class) pairs per image pass it (as :func:`bench_infer`).
+    Also measures the memory the head holds for the backward pass on P3, the largest level
+    (:func:`saved_bytes` of the head on P3 alone; COP's fusion adds its padded probability map
+    and its nine weights).
+
+    Returns:
+        ``paa_ms``, ``variant_ms`` (medians), ``ratio`` (variant / PAA), ``paa_p3_mb``,
+        ``variant_p3_mb``, ``memory_ratio`` and the settings.
+    """
+    from colad.detector import Detector, detection_scores
+
+    device = torch.device(device)
+    amp = amp and device.type == "cuda"
+    plain = ModelConfig(num_classes=num_classes, backbone=backbone, fpn_channels=fpn_channels)
+    variant = dataclasses.replace(plain, head=head, iou_branch=iou_branch)
+    models = {}
+    for name, cfg in (("paa", plain), ("variant", variant)):
+        torch.manual_seed(seed)  # the same backbone, FPN and towers
+        models[name] = Detector(cfg).to(device)
+    images = [torch.randn(3, *image_size, device=device) for _ in range(batch)]
+    targets = [{k: v.to(device) for k, v in t.items()}
+               for t in _random_targets(batch, image_size, num_classes, seed)]  # fmt: skip
+    if training:
+        optimizers = {n: torch.optim.SGD(m.parameters(), lr=1e-5, momentum=0.9)
+                      for n, m in models.items()}  # fmt: skip
+        scalers = {n: torch.amp.GradScaler("cuda", enabled=amp) for n in models}
+
+        def run(name: str) -> None:
+            models[name].train()
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                losses = models[name](images, targets)
+            optimizers[name].zero_grad()
+            scalers[name].scale(sum(losses.values())).backward()
+            scalers[name].step(optimizers[name])
+            scalers[name].update()
+
+    else:
+        with torch.inference_mode():
+            for model in models.values():
+                model.eval()
+                scores = detection_scores(model.predict(images),
+                                          use_iou=model.config.iou_branch == "infer")  # fmt: skip
+                threshold = _threshold_passing(scores, candidates * batch)
+                model.config = dataclasses.replace(model.config, score_thresh=threshold)
+
+        @torch.inference_mode()
+        def run(name: str) -> None:
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                models[name](images)
+
+    medians = _alternate(device, {name: partial(run, name) for name in models}, repeats)
+    memory = {}
+    for name, model in models.items():
+        model.train()
+        with torch.no_grad():
+            p3 = model.features(torch.stack(images))[0]
+        memory[name] = saved_bytes(model.head.forward_level, p3, 0) / 2**20
+    return {
+        "head": head, "iou_branch": iou_branch, "training": training, "device": str(device),
+        "backbone": backbone, "fpn_channels": fpn_channels, "image_size": tuple(image_size),
+        "batch": batch, "num_classes": num_classes, "amp": amp,
+        "paa_ms": medians["paa"], "variant_ms": medians["variant"],
+        "ratio": medians["variant"] / medians["paa"], "target": 1.15 if training else 1.10,
+        "paa_p3_mb": memory["paa"], "variant_p3_mb": memory["variant"],
+        "memory_ratio": memory["variant"] / memory["paa"],
+    }  # fmt: skip

@@ -64,6 +64,9 @@ def plan(
             spec = experiment.distill.teacher
             if spec in config.EXPERIMENTS:
                 add(spec, 0, config.experiment(spec, profile))
+    for name, seed, experiment in students:  # a "trained but not used" row's training first
+        if (twin := config.training_twin(experiment)) is not None:
+            add(name.replace("-noiou-infer", ""), seed, twin)
     for run in students:
         add(*run)
     return runs
@@ -110,13 +113,15 @@ def _rows(name: str, seed: int, result: engine.RunResult, wall: float) -> list[d
     ]
 
 
-def _run_one(experiment: dict, path: str, threads: int) -> str:
+def _run_one(experiment: dict, path: str, threads: int) -> tuple[str, float]:
     """A worker process's job: one run into ``path``, with its share of the cores; returns the
-    run path."""
+    run path and the seconds it took (in the worker, not counting the time queued)."""
     import torch
 
     torch.set_num_threads(threads)
-    return str(engine.run(Experiment.from_dict(experiment), path=path, progress=False).path)
+    tick = time.perf_counter()
+    result = engine.run(Experiment.from_dict(experiment), path=path, progress=False)
+    return str(result.path), time.perf_counter() - tick
 
 
 def _clock(seconds: float) -> str:
@@ -201,32 +206,34 @@ def sweep(
 
 
 def _sweep_parallel(runs, paths, cached, jobs, finished) -> None:
-    """Reused runs at once; teachers one by one in this process; the others ``jobs`` at a time."""
+    """Reused runs at once; then, ``jobs`` at a time, the runs others depend on (teachers, and
+    the training twins of rows that only rescore a twin's weights); then all the others.
+
+    Two waves, so that no worker trains a teacher or twin that another worker is training for
+    its own row at the same moment (the run lock would make one of them wait, idle)."""
     teachers = {e.distill.teacher for _, _, e in runs if e.distill.teacher}
-    pending = []
+    twins = {engine.run_path(t) for _, _, e in runs if (t := config.training_twin(e))}
+    first, then = [], []
     for (name, seed, experiment), path, done in zip(runs, paths, cached, strict=True):
         if done is not None:
             finished(name, seed, done, 0.0)
-        elif name in teachers:
-            tick = time.perf_counter()
-            finished(name, seed, engine.run(experiment, path=path, progress=False),
-                     time.perf_counter() - tick)  # fmt: skip
         else:
-            pending.append((name, seed, experiment, path))
+            needed = name in teachers or path in twins
+            (first if needed else then).append((name, seed, experiment, path))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        ticks, futures = {}, {}
-        for name, seed, experiment, path in pending:
-            future = pool.submit(_run_one, experiment.to_dict(), str(path), threads)
-            futures[future] = (name, seed, experiment)
-            ticks[future] = time.perf_counter()
-        for future in as_completed(futures):
-            name, seed, experiment = futures[future]
-            path = future.result()  # re-raises a worker's error
-            result = engine.load_run(path, experiment)
-            result.reused = False
-            finished(name, seed, result, time.perf_counter() - ticks[future])
+        for wave in (first, then):
+            futures = {}
+            for name, seed, experiment, path in wave:
+                future = pool.submit(_run_one, experiment.to_dict(), str(path), threads)
+                futures[future] = (name, seed, experiment)
+            for future in as_completed(futures):
+                name, seed, experiment = futures[future]
+                path, seconds = future.result()  # re-raises a worker's error
+                result = engine.load_run(path, experiment)
+                result.reused = False
+                finished(name, seed, result, seconds)
 
 
 def mean_std(values: Sequence[float], digits: int = 3) -> str:
@@ -301,17 +308,21 @@ def beside_paper(
 
 
 def compare(rows: Sequence[dict], method: str, baseline: str, *, metric: str = "AP",
-            networks: tuple[str, str] = ("model", "model")) -> dict:  # fmt: skip
+            networks: tuple[str, str] = ("model", "model"),
+            paired: bool = False) -> dict:  # fmt: skip
     """How ``method`` differs from ``baseline`` over seeds, and whether the seeds' spread can
     explain it.
 
     The difference of the means is compared with its standard error,
     ``se = sqrt(s_m^2 / n_m + s_b^2 / n_b)`` (sample stds over seeds): ``beyond_noise`` when
     ``|gain| > 2 se``. With a handful of seeds this is a rough guide, not a significance test.
+    ``paired``: the two share each seed's network (e.g. one set of weights scored two ways), so
+    the per-seed differences are compared instead: ``se = s_d / sqrt(n)``.
 
     Args:
         rows: :attr:`Sweep.rows`.
         networks: which network of each experiment (CoLAD's ``net1`` / ``net2``).
+        paired: compare seed by seed (both must have the same seeds).
 
     Returns:
         ``{"gain", "se", "beyond_noise", "method", "baseline", "seeds"}``.
@@ -321,9 +332,23 @@ def compare(rows: Sequence[dict], method: str, baseline: str, *, metric: str = "
         found = [r[metric] for r in rows if r["experiment"] == name and r["network"] == network]
         if not found:
             raise ValueError(f"no rows for {name!r} ({network})")
+        if any(math.isnan(v) for v in found):
+            raise ValueError(f"{metric} of {name!r} ({network}) is undefined (NaN) for some seeds: "
+                             f"COCO leaves it undefined when no object of the validation set "
+                             f"counts for it (e.g. APl without large objects)")  # fmt: skip
         return found
 
     a, b = values(method, networks[0]), values(baseline, networks[1])
+    if paired:
+        seeds = [[r["seed"] for r in rows if r["experiment"] == n and r["network"] == net]
+                 for n, net in ((method, networks[0]), (baseline, networks[1]))]  # fmt: skip
+        if seeds[0] != seeds[1]:
+            raise ValueError(f"paired comparison needs the same seeds: {seeds[0]} vs {seeds[1]}")
+        diffs = [x - y for x, y in zip(a, b, strict=True)]
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+        return {"method": method, "baseline": baseline, "gain": statistics.fmean(diffs),
+                "se": se, "beyond_noise": abs(statistics.fmean(diffs)) > 2 * se and se > 0,
+                "seeds": (len(a), len(b))}  # fmt: skip
     var = sum(statistics.variance(v) / len(v) for v in (a, b) if len(v) > 1)
     gain, se = statistics.fmean(a) - statistics.fmean(b), math.sqrt(var)
     return {"method": method, "baseline": baseline, "gain": gain, "se": se,

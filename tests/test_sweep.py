@@ -7,6 +7,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import statistics  # noqa: E402
+
 import pytest  # noqa: E402
 
 from colad import config, engine, sweep, viz  # noqa: E402
@@ -71,6 +73,25 @@ def test_summaries_and_comparisons(smoke_sweep):
     assert sweep.mean_std([0.5]) == "0.500" and sweep.mean_std([]) == "-"
 
 
+def test_paired_comparison_uses_the_per_seed_differences():
+    rows = [{"experiment": e, "network": "model", "seed": seed, "AP": ap}
+            for e, aps in (("a", [0.10, 0.20, 0.30]), ("b", [0.11, 0.22, 0.30]))
+            for seed, ap in enumerate(aps)]  # fmt: skip
+    paired = sweep.compare(rows, "b", "a", paired=True)
+    diffs = [0.01, 0.02, 0.0]
+    assert paired["gain"] == pytest.approx(0.01)
+    assert paired["se"] == pytest.approx(statistics.stdev(diffs) / 3**0.5)
+    unpaired = sweep.compare(rows, "b", "a")
+    assert unpaired["gain"] == pytest.approx(0.01) and unpaired["se"] > 5 * paired["se"]
+    assert paired["beyond_noise"] is False  # 0.01 < 2 * 0.0058
+    with pytest.raises(ValueError, match="same seeds"):
+        sweep.compare(rows[:2] + rows[3:], "b", "a", paired=True)
+    for row in rows:
+        row["APl"] = float("nan")  # what COCO gives without large objects
+    with pytest.raises(ValueError, match="APl of 'b' .* undefined"):
+        sweep.compare(rows, "b", "a", metric="APl")
+
+
 def test_the_chapters_figures(smoke_sweep, in_data_root):
     student = smoke_sweep.results[("paa-small", 0)]
     teacher = smoke_sweep.results[("paa", 0)]
@@ -90,12 +111,19 @@ def test_parallel_jobs_give_the_same_runs(data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("COLAD_DATA", str(tmp_path))  # nothing cached here but the benchmark
     (tmp_path / "synth").symlink_to(data_root / "synth")
     lines = []
-    result = sweep.sweep(["paa-small"], (0, 1), profile="smoke", jobs=2, log=lines.append)
-    assert "(2 at a time)" in lines[0] and len(result.rows) == 2
-    serial = engine.run(config.experiment("paa-small", "smoke"), progress=False)
-    assert serial.reused  # a worker process trained exactly this run, into the same cache
+    # The unscored row needs its training twin: workers train the twins first, then the rows.
+    result = sweep.sweep(["paa-iop-noiou-infer"], (0, 1), profile="smoke", jobs=2,
+                         log=lines.append)  # fmt: skip
+    assert "4 to train (2 at a time)" in lines[0] and len(result.rows) == 2
+    order = [line.split(":")[0].split("] ")[1] for line in lines[1:-1]]
+    assert order[:2] == ["paa-iop seed 0", "paa-iop seed 1"] or order[:2] == [
+        "paa-iop seed 1", "paa-iop seed 0"]  # fmt: skip
+    serial = engine.run(config.experiment("paa-iop-noiou-infer", "smoke"), progress=False)
+    assert serial.reused  # a worker process made exactly this run, into the same cache
     seed0 = next(r for r in result.rows if r["seed"] == 0)
     assert seed0["run"] == serial.path.name and not seed0["reused"]
+    twin = engine.run(config.experiment("paa-iop", "smoke"), progress=False)
+    assert twin.reused and serial.summary["trained_by"] == twin.path.name
 
 
 def test_sweep_command_prints_mean_and_std(smoke_sweep, in_data_root, capsys):
