@@ -380,7 +380,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"{summary['train_seconds']:.0f} s on {summary['device']}, "
                 f"{summary['images_per_second']:.1f} images/s; data: {summary['data']}"
             )
-            _print_metrics(result.metrics)
+            if len(result.networks) == 1:
+                _print_metrics(result.metrics)
+            else:  # CoLAD: both networks, each named
+                models = {"net1": experiment.model, "net2": experiment.distill.network2}
+                for network, metrics in result.networks.items():
+                    model = models[network]
+                    head = f", {model.head.upper()} head" if model.head != "paa" else ""
+                    print(f"{network} ({_describe_net(model)}{head}):")
+                    _print_metrics(metrics)
     finally:
         dist.cleanup()
     return 0

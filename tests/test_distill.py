@@ -411,5 +411,8 @@ def test_every_distillation_method_trains_from_the_command_line(in_data_root, ca
     for name in ("lad", "kd", "solad"):
         assert main(["train", name, "--profile", "smoke", "--no-progress"]) == 0
         assert f"{name}-tiny-smoke" in capsys.readouterr().out
+    assert main(["train", "colad-cop", "--profile", "smoke", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "net1 (tiny" in out and "net2 (tiny" in out and "COP head):" in out  # both networks
     assert main(["eval", str(engine.run_path(config.experiment("lad", "smoke"))),
                  "--no-progress"]) == 0  # fmt: skip
