@@ -208,6 +208,15 @@ def _random_targets(batch: int, image_size: tuple[int, int], num_classes: int, s
     return targets
 
 
+def _random_batch(batch: int, image_size: tuple[int, int], num_classes: int, device, seed: int):
+    """``batch`` random images (from the global generator) and :func:`_random_targets`, on
+    ``device``: what every timed step here runs on."""
+    images = [torch.randn(3, *image_size, device=device) for _ in range(batch)]
+    targets = [{k: v.to(device) for k, v in t.items()}
+               for t in _random_targets(batch, image_size, num_classes, seed)]  # fmt: skip
+    return images, targets
+
+
 def _paired_models(backbone, fpn_channels, image_size, batch, num_classes, device, seed):
     """PAA and the matching RetinaNet on ``device``, with the same random images and targets."""
     from colad.config import ModelConfig
@@ -218,9 +227,7 @@ def _paired_models(backbone, fpn_channels, image_size, batch, num_classes, devic
     models = {"paa": Detector(config), "retinanet": retinanet_like(config, image_size)}
     for model in models.values():
         model.to(device)
-    images = [torch.randn(3, *image_size, device=device) for _ in range(batch)]
-    targets = [{k: v.to(device) for k, v in t.items()}
-               for t in _random_targets(batch, image_size, num_classes, seed)]  # fmt: skip
+    images, targets = _random_batch(batch, image_size, num_classes, device, seed)
     return models, images, targets
 
 
@@ -405,9 +412,7 @@ def bench_method(
     amp = amp and device.type == "cuda"
     torch.manual_seed(seed)
     first, second = Detector(student).to(device), Detector(other).to(device)
-    images = [torch.randn(3, *image_size, device=device) for _ in range(batch)]
-    targets = [{k: v.to(device) for k, v in t.items()}
-               for t in _random_targets(batch, image_size, student.num_classes, seed)]  # fmt: skip
+    images, targets = _random_batch(batch, image_size, student.num_classes, device, seed)
     if method == "lad":
         trained = {"student": first, "lad": TeacherStudent(first, freeze(second), "lad", None)}
     else:
@@ -501,9 +506,7 @@ def bench_head(
     for name, cfg in (("paa", plain), ("variant", variant)):
         torch.manual_seed(seed)  # the same backbone, FPN and towers
         models[name] = Detector(cfg).to(device)
-    images = [torch.randn(3, *image_size, device=device) for _ in range(batch)]
-    targets = [{k: v.to(device) for k, v in t.items()}
-               for t in _random_targets(batch, image_size, num_classes, seed)]  # fmt: skip
+    images, targets = _random_batch(batch, image_size, num_classes, device, seed)
     if training:
         optimizers = {n: torch.optim.SGD(m.parameters(), lr=1e-5, momentum=0.9)
                       for n, m in models.items()}  # fmt: skip
