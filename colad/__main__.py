@@ -150,7 +150,8 @@ def _cmd_bench_assign(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_method(args: argparse.Namespace) -> int:
-    """``bench train --method lad|colad``: the distillation step against the PAA steps."""
+    """``bench train --method lad|colad|ld``: the distillation step against the steps it
+    replaces (LD: GFL networks)."""
     from . import bench
     from .config import ModelConfig
 
@@ -165,8 +166,9 @@ def _cmd_bench_method(args: argparse.Namespace) -> int:
         fields = {"num_classes": args.classes, "fpn_channels": args.fpn_channels}
         student = ModelConfig(backbone=args.backbone, **fields)
         other = ModelConfig(backbone=args.teacher_backbone, **fields)
-    role = "teacher" if args.method == "lad" else "network 2"
-    print(f"{args.method}: student {_describe_net(student)}, {role} {_describe_net(other)}; "
+    role = "network 2" if args.method == "colad" else "teacher"
+    kind = " (GFL)" if args.method == "ld" else ""
+    print(f"{args.method}: student{kind} {_describe_net(student)}, {role} {_describe_net(other)}; "
           f"{size[0]}x{size[1]} px, batch {batch}; median of {args.repeats} steps")  # fmt: skip
     for device in _bench_devices(args):
         r = bench.bench_method(args.method, student, other, image_size=size, batch=batch,
@@ -178,6 +180,8 @@ def _cmd_bench_method(args: argparse.Namespace) -> int:
         print(f"{device}{' amp' if r['amp'] else ''}: {parts}")
         print(f"  {args.method} / reference = {r['method_ms']:.1f} / {r['reference_ms']:.1f} ms"
               f" = {r['ratio']:.3f} (target <= {r['target']})")  # fmt: skip
+        if args.method != "colad":
+            print(f"  {args.method} / student alone = {r['student_ratio']:.3f}")
     return 0
 
 
@@ -197,13 +201,14 @@ def _bench_setup(args: argparse.Namespace) -> tuple[bool, list[str], str]:
 
 
 def _cmd_bench_head(args: argparse.Namespace) -> int:
-    """``bench train|infer --head iop|cop``: the head variant against the plain PAA head."""
+    """``bench train|infer --head iop|cop|gfl``: the head variant against the plain PAA head."""
     from . import bench
     from .config import describe_head
 
     training, devices, what = _bench_setup(args)
     height, width = args.size
-    print(f"{describe_head(args.head, args.iou_branch)} vs the plain PAA head: {args.backbone}, "
+    branch = "none" if args.head == "gfl" else args.iou_branch
+    print(f"{describe_head(args.head, branch)} vs the plain PAA head: {args.backbone}, "
           f"FPN {args.fpn_channels}, {height}x{width} px, batch {args.batch}, {args.classes} "
           f"classes; median of {args.repeats} {what}")  # fmt: skip
     print(
@@ -220,9 +225,10 @@ def _cmd_bench_head(args: argparse.Namespace) -> int:
         )  # fmt: skip
         label = device + (" amp" if amp else "")
         memory = f"{r['paa_p3_mb']:.1f} MB, {r['variant_p3_mb']:.1f} MB"
+        target = "—" if r["target"] is None else f"<= {r['target']}"
         print(
             f"{label:>7} {r['paa_ms']:>9.1f} {r['variant_ms']:>9.1f} {r['ratio']:>6.3f} "
-            f"{'<= ' + str(r['target']):>7} {memory:>26} {r['memory_ratio']:>6.3f}"
+            f"{target:>7} {memory:>26} {r['memory_ratio']:>6.3f}"
         )
     return 0
 
@@ -455,7 +461,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _check_teacher_option(name: str, profile: str | None) -> None:
     if not config.experiment(name, profile).distill.teacher:
         raise ValueError(f"--teacher: experiment {name!r} has no teacher to replace (those with "
-                         "one: lad, lad-up, kd, solad)")  # fmt: skip
+                         "one: lad, lad-up, kd, solad, ld, ld-up)")  # fmt: skip
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -507,8 +513,8 @@ def _add_train_parser(commands) -> None:
         "--teacher",
         default=None,
         metavar="RUN_DIR|NAME",
-        help="the teacher of lad, lad-up, kd and solad: a run directory, a checkpoint or a "
-        "named experiment (its seed-0 run, trained first if needed)",
+        help="the teacher of lad, lad-up, kd, solad, ld and ld-up: a run directory, a "
+        "checkpoint or a named experiment (its seed-0 run, trained first if needed)",
     )
     group = train.add_argument_group("schedule overrides")
     group.add_argument("--epochs", type=int, help="passes over the training set")
@@ -747,9 +753,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
         sub.add_argument("--cpu-only", action="store_true", help="skip the GPU even if present")
         sub.add_argument(
-            "--head", choices=("iop", "cop"), default=None,
-            help="instead: time this head variant against the plain PAA head in the same "
-            "detector, and the memory each head holds for backward on P3",
+            "--head", choices=("iop", "cop", "gfl"), default=None,
+            help="instead: time this head variant (gfl: GFL's head, ATSS, losses and decoding) "
+            "against the plain PAA head in the same detector, and the memory each head holds "
+            "for backward on P3",
         )  # fmt: skip
         sub.add_argument(
             "--iou-branch", choices=("infer", "train", "none"), default="infer",
@@ -758,10 +765,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             sub.add_argument(
                 "--method",
-                choices=("lad", "colad"),
+                choices=("lad", "colad", "ld"),
                 default=None,
                 help="instead: time a LAD step against the student's PAA step plus the "
-                "teacher's forward pass, or a CoLAD step against the two networks' PAA steps",
+                "teacher's forward pass, a CoLAD step against the two networks' PAA steps, or "
+                "an LD step against the GFL student's step (and its teacher's forward pass)",
             )
             sub.add_argument(
                 "--teacher-backbone",

@@ -386,12 +386,14 @@ def bench_method(
     amp: bool = False,
     seed: int = 0,
 ) -> dict:
-    """Time a distillation step against the PAA steps it replaces, alternating them on the same
+    """Time a distillation step against the steps it replaces, alternating them on the same
     images and targets.
 
     * ``"lad"``: the LAD step (student forward and backward, the frozen teacher's forward and
       assignment) against the student's own PAA step and the teacher's forward pass alone; the
       target is ``lad <= (student + teacher forward) x 1.1``.
+    * ``"ld"``: the same for LD, with GFL networks (:func:`colad.config.gfl_model` of ``student``
+      and ``other``): the LD step against the GFL student's own step and the teacher's forward.
     * ``"colad"``: the CoLAD step (both networks, one switched assignment) against each
       network's own PAA step; the target is ``colad <= (net 1 + net 2) x 1.05``.
 
@@ -403,18 +405,22 @@ def bench_method(
         The medians in ms (``method_ms`` and the parts), ``reference_ms`` (the sum the target
         multiplies), ``ratio`` (method / reference) and the settings.
     """
+    from colad.config import DistillConfig, gfl_model
     from colad.detector import Detector
     from colad.distill import CoLADPair, TeacherStudent, freeze
 
-    if method not in ("lad", "colad"):
-        raise ValueError(f"method {method!r}; choose 'lad' or 'colad'")
+    if method not in ("lad", "colad", "ld"):
+        raise ValueError(f"method {method!r}; choose 'lad', 'colad' or 'ld'")
+    if method == "ld":
+        student, other = gfl_model(student), gfl_model(other)
     device = torch.device(device)
     amp = amp and device.type == "cuda"
     torch.manual_seed(seed)
     first, second = Detector(student).to(device), Detector(other).to(device)
     images, targets = _random_batch(batch, image_size, student.num_classes, device, seed)
-    if method == "lad":
-        trained = {"student": first, "lad": TeacherStudent(first, freeze(second), "lad", None)}
+    if method in ("lad", "ld"):
+        pair = TeacherStudent(first, freeze(second), method, DistillConfig(teacher="bench"))
+        trained = {"student": first, method: pair}
     else:
         trained = {"net1": first, "net2": second, "colad": CoLADPair(first, second)}
     optimizers = {n: torch.optim.SGD(m.parameters(), lr=1e-5, momentum=0.9)
@@ -437,10 +443,10 @@ def bench_method(
             second.predict(images)
 
     steps = {name: partial(step, name) for name in trained}
-    if method == "lad":
+    if method != "colad":
         steps["teacher_forward"] = teacher_forward
     medians = _alternate(device, steps, repeats)
-    if method == "lad":
+    if method != "colad":
         reference, target = medians["student"] + medians["teacher_forward"], 1.1
     else:
         reference, target = medians["net1"] + medians["net2"], 1.05
@@ -449,6 +455,7 @@ def bench_method(
         "amp": amp, **{f"{name}_ms": ms for name, ms in medians.items()},
         "method_ms": medians[method], "reference_ms": reference,
         "ratio": medians[method] / reference, "target": target,
+        "student_ratio": medians[method] / medians.get("student", medians.get("net1")),
     }  # fmt: skip
 
 
@@ -483,8 +490,9 @@ def bench_head(
     candidates: int = 1000,
     seed: int = 0,
 ) -> dict:
-    """Time a head variant (IOP, COP; :mod:`colad.heads`) against the plain PAA head in the same
-    detector (backbone, FPN, towers), alternating them on the same images and targets.
+    """Time a head variant (IOP, COP: :mod:`colad.heads`; GFL: :mod:`colad.gfl`, with ATSS and its
+    own losses and decoding) against the plain PAA head in the same detector (backbone, FPN,
+    towers), alternating them on the same images and targets.
 
     ``training``: one SGD step each; otherwise inference, each detector's score threshold set so
     that about ``candidates`` (box, class) pairs per image pass it (as :func:`bench_infer`).
@@ -494,14 +502,19 @@ def bench_head(
 
     Returns:
         ``paa_ms``, ``variant_ms`` (medians), ``ratio`` (variant / PAA), ``paa_p3_mb``,
-        ``variant_p3_mb``, ``memory_ratio`` and the settings.
+        ``variant_p3_mb``, ``memory_ratio``, ``target`` (DESIGN.md's bound on the ratio for IOP
+        and COP; ``None`` for GFL, a different detector) and the settings.
     """
+    from colad.config import gfl_model
     from colad.detector import Detector, detection_scores
 
     device = torch.device(device)
     amp = amp and device.type == "cuda"
     plain = ModelConfig(num_classes=num_classes, backbone=backbone, fpn_channels=fpn_channels)
-    variant = dataclasses.replace(plain, head=head, iou_branch=iou_branch)
+    if head == "gfl":
+        variant = gfl_model(plain)
+    else:
+        variant = dataclasses.replace(plain, head=head, iou_branch=iou_branch)
     models = {}
     for name, cfg in (("paa", plain), ("variant", variant)):
         torch.manual_seed(seed)  # the same backbone, FPN and towers
@@ -547,7 +560,8 @@ def bench_head(
         "backbone": backbone, "fpn_channels": fpn_channels, "image_size": tuple(image_size),
         "batch": batch, "num_classes": num_classes, "amp": amp,
         "paa_ms": medians["paa"], "variant_ms": medians["variant"],
-        "ratio": medians["variant"] / medians["paa"], "target": 1.15 if training else 1.10,
+        "ratio": medians["variant"] / medians["paa"],
+        "target": None if head == "gfl" else 1.15 if training else 1.10,
         "paa_p3_mb": memory["paa"], "variant_p3_mb": memory["variant"],
         "memory_ratio": memory["variant"] / memory["paa"],
     }  # fmt: skip

@@ -30,6 +30,7 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "METHODS",
+    "TEACHER_METHODS",
     "SWITCH_RULES",
     "DistillConfig",
     "Experiment",
@@ -39,6 +40,7 @@ __all__ = [
     "training_twin",
     "describe_head",
     "CPU_WIDTH_MULT",
+    "gfl_model",
 ]
 
 PROFILES = ("smoke", "quick", "full")
@@ -113,9 +115,10 @@ class _JsonConfig:
         return cls(**kwargs)
 
 
-#: Head variants (``ModelConfig.head``, :mod:`colad.heads`): the plain classifier, implicit
-#: objectness (IOP) and conditional objectness (COP).
-HEADS = ("paa", "iop", "cop")
+#: Head variants (``ModelConfig.head``): the plain classifier, implicit objectness (IOP) and
+#: conditional objectness (COP) of :mod:`colad.heads`, trained with PAA's assignment; and GFL's
+#: joint score with box distributions (:mod:`colad.gfl`), trained with ATSS's.
+HEADS = ("paa", "iop", "cop", "gfl")
 #: What the IoU branch does (``ModelConfig.iou_branch``): ``"infer"`` it is trained and used in
 #: the detection score (PAA); ``"train"`` trained but not used at inference (the paper's "*");
 #: ``"none"`` absent (the paper's "base" heads).
@@ -124,9 +127,10 @@ IOU_BRANCHES = ("infer", "train", "none")
 
 @dataclass(frozen=True)
 class ModelConfig(_JsonConfig):
-    """Everything that defines a PAA detector: architecture, anchors, assignment, losses and
-    post-processing. The defaults are the paper's (ALGORITHMS.md §10) with a ResNet-50; change
-    fields with ``dataclasses.replace``.
+    """Everything that defines a detector: architecture, anchors, assignment, losses and
+    post-processing. The defaults are the paper's PAA (ALGORITHMS.md §10) with a ResNet-50;
+    :func:`gfl_model` turns a config into GFL's (§16.12); change fields with
+    ``dataclasses.replace``.
 
     Attributes:
         num_classes: ``C`` (80 on COCO).
@@ -139,15 +143,19 @@ class ModelConfig(_JsonConfig):
         fpn_channels: FPN and head width.
         num_levels: FPN levels from P3 (3 = P3-P5, 5 = P3-P7).
         head_convs, norm_groups: convolutions per head tower and their GroupNorm groups.
-        head: the class prediction, one of :data:`HEADS` (``"iop"``/``"cop"`` fuse an
-            objectness prediction into it and are trained with the probability focal loss).
+        head: one of :data:`HEADS` (``"iop"``/``"cop"`` fuse an objectness prediction into the
+            class prediction and are trained with the probability focal loss; ``"gfl"`` is GFL:
+            ATSS assignment, joint score, box distributions, and no IoU branch).
         iou_branch: one of :data:`IOU_BRANCHES`. Without the IoU branch the box loss is the
             plain mean over the positives (the paper's "base" heads) and the score is the class
             probability alone.
         anchor_scale: anchor side in strides (8 gives 64-1024 px on P3-P7).
-        pos_iou_thr, topk: IoU pre-assignment threshold and candidates per level.
+        pos_iou_thr, topk: IoU pre-assignment threshold (PAA) and candidates per level (PAA's
+            cheapest, ATSS's nearest).
         giou_weight, iou_weight, focal_alpha, focal_gamma: loss weights (``lambda`` = giou_weight
-            also weighs the anchor cost).
+            also weighs PAA's anchor cost; GFL's GIoU weight is 2).
+        reg_max, qfl_beta, dfl_weight: GFL's bins per box side minus one (16), its quality focal
+            loss exponent (2) and its distribution focal loss weight (0.25).
         nms_pre, score_thresh, nms_thresh, detections_per_img: inference.
         score_voting, voting_sigma: PAA's score voting and its ``sigma_t``.
     """
@@ -178,6 +186,9 @@ class ModelConfig(_JsonConfig):
     detections_per_img: int = 100
     score_voting: bool = True
     voting_sigma: float = 0.025
+    reg_max: int = 16
+    qfl_beta: float = 2.0
+    dfl_weight: float = 0.25
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -185,6 +196,23 @@ class ModelConfig(_JsonConfig):
         if self.iou_branch not in IOU_BRANCHES:
             raise ValueError(f"ModelConfig.iou_branch={self.iou_branch!r}; choose one of "
                              f"{', '.join(IOU_BRANCHES)}")  # fmt: skip
+        if self.head == "gfl" and (self.iou_branch != "none" or self.score_voting):
+            raise ValueError(
+                "ModelConfig.head='gfl' scores detections by its joint score alone: it needs "
+                f"iou_branch='none' and score_voting=False (got {self.iou_branch!r}, "
+                f"{self.score_voting}); build it with colad.config.gfl_model"
+            )
+        if self.reg_max < 1:
+            raise ValueError(f"ModelConfig.reg_max={self.reg_max}; need at least 2 bins per side")
+
+
+def gfl_model(model: ModelConfig) -> ModelConfig:
+    """The same network with GFL's head and settings (ALGORITHMS.md §16.12): joint score, box
+    distributions with ``reg_max = 16``, ATSS with the same ``topk``, GIoU weight 2, no IoU
+    branch and no score voting. Backbone, FPN, towers, anchors and inference thresholds stay."""
+    return dataclasses.replace(
+        model, head="gfl", iou_branch="none", giou_weight=2.0, score_voting=False
+    )
 
 
 def model_preset(profile: str, num_classes: int) -> ModelConfig:
@@ -220,6 +248,9 @@ class DataConfig(_JsonConfig):
         min_size, max_size: resize keeping the aspect ratio (short side, long side).
         hflip: horizontal-flip probability in training.
         num_workers: data-loading processes.
+        train_min_sizes: multi-scale training: ``(low, high)`` draws each training image's short
+            side uniformly from ``low..high`` (mmdetection's "range" mode, ``(480, 800)`` in the
+            ``ms-2x`` recipes); empty: always ``min_size``. Evaluation uses ``min_size``.
     """
 
     profile: str = "full"
@@ -227,6 +258,7 @@ class DataConfig(_JsonConfig):
     max_size: int = 1333
     hflip: float = 0.5
     num_workers: int = 2
+    train_min_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -234,6 +266,10 @@ class DataConfig(_JsonConfig):
         if not 0 < self.min_size <= self.max_size:
             raise ValueError(f"DataConfig: need 0 < min_size <= max_size, got "
                              f"{self.min_size}, {self.max_size}")  # fmt: skip
+        sizes = self.train_min_sizes
+        if sizes and not (len(sizes) == 2 and 0 < sizes[0] <= sizes[1] <= self.max_size):
+            raise ValueError(f"DataConfig.train_min_sizes={sizes}: need (low, high) with "
+                             f"0 < low <= high <= max_size={self.max_size}")  # fmt: skip
 
 
 SCHEDULES = ("step", "cosine")
@@ -298,8 +334,11 @@ class TrainConfig(_JsonConfig):
 #: ``baseline`` PAA assigns for itself; ``lad`` a frozen teacher's PAA assignment trains the
 #: student; ``kd`` the student learns the teacher's outputs (soft labels) and nothing else;
 #: ``solad`` LAD plus soft labels; ``colad`` two networks train together on one assignment whose
-#: costs a switch takes, per object and level, from one network or the other.
-METHODS = ("baseline", "lad", "kd", "solad", "colad")
+#: costs a switch takes, per object and level, from one network or the other; ``ld`` a GFL
+#: student learns a frozen GFL teacher's box distributions (ALGORITHMS.md §16.8).
+METHODS = ("baseline", "lad", "kd", "solad", "colad", "ld")
+#: The methods that learn from a frozen teacher.
+TEACHER_METHODS = ("lad", "kd", "solad", "ld")
 #: CoLAD's rules for which network's costs assign an (object, level): std/mean or Fisher.
 SWITCH_RULES = ("std_mean", "fisher")
 
@@ -309,8 +348,9 @@ class DistillConfig(_JsonConfig):
     """The settings of the distillation methods (unused by ``baseline``).
 
     Attributes:
-        teacher: for ``lad``, ``kd`` and ``solad``: a named experiment (its seed-0 run in the same
-            profile, trained first if the run cache lacks it), a run directory or a checkpoint.
+        teacher: for ``lad``, ``kd``, ``solad`` and ``ld``: a named experiment (its seed-0 run in
+            the same profile, trained first if the run cache lacks it), a run directory or a
+            checkpoint.
         network2: for ``colad``: the second network (the experiment's ``model`` is the first,
             whose metrics are the run's).
         switch_rule: ``colad``'s switch, one of :data:`SWITCH_RULES`.
@@ -319,6 +359,10 @@ class DistillConfig(_JsonConfig):
         kd_gamma: focal exponent of the focal-KL loss (0.5).
         kd_min_iou: a teacher box must overlap an object by more than this to be distilled
             (0.1 for ``kd``, 0.5 for ``solad``).
+        ld_weight, ld_temperature: ``ld``'s loss weight (0.25) and temperature ``T`` (10).
+        ld_reference_images: ``b_ref``, the images per GPU whose summed LD loss the weight was
+            set for (2 in mmdetection's configs); a batch of ``B`` per process is rescaled by
+            ``b_ref / B`` (:func:`colad.gfl.ld_loss`).
     """
 
     _optional_configs = {"network2": ModelConfig}
@@ -331,11 +375,20 @@ class DistillConfig(_JsonConfig):
     kd_box_weight: float = 1.3
     kd_gamma: float = 0.5
     kd_min_iou: float = 0.1
+    ld_weight: float = 0.25
+    ld_temperature: float = 10.0
+    ld_reference_images: int = 2
 
     def __post_init__(self) -> None:
         if self.switch_rule not in SWITCH_RULES:
             raise ValueError(
                 f"DistillConfig.switch_rule={self.switch_rule!r}; choose one of {SWITCH_RULES}"
+            )
+        if not (self.ld_temperature >= 1 and self.ld_weight >= 0 and self.ld_reference_images >= 1):
+            raise ValueError(
+                f"DistillConfig: need ld_temperature >= 1, ld_weight >= 0 and "
+                f"ld_reference_images >= 1; got {self.ld_temperature}, {self.ld_weight}, "
+                f"{self.ld_reference_images}"
             )
 
 
@@ -344,7 +397,7 @@ class Experiment(_JsonConfig):
     """A named, complete description of one training run: data, model, schedule and method.
 
     ``method`` is one of :data:`METHODS`; ``distill`` holds the teacher (``lad``, ``kd``,
-    ``solad``) or the second network (``colad``).
+    ``solad``, ``ld``) or the second network (``colad``).
     """
 
     name: str = "paa"
@@ -358,7 +411,7 @@ class Experiment(_JsonConfig):
         if self.method not in METHODS:
             raise ValueError(f"Experiment {self.name!r}: method={self.method!r}; choose one of "
                              f"{', '.join(METHODS)}")  # fmt: skip
-        wants_teacher = self.method in ("lad", "kd", "solad")
+        wants_teacher = self.method in TEACHER_METHODS
         if wants_teacher != bool(self.distill.teacher):
             need = "needs a teacher" if wants_teacher else "takes no teacher"
             raise ValueError(f"Experiment {self.name!r}: method {self.method!r} {need} "
@@ -367,6 +420,15 @@ class Experiment(_JsonConfig):
             need = "needs" if self.method == "colad" else "takes no"
             raise ValueError(f"Experiment {self.name!r}: method {self.method!r} {need} "
                              "distill.network2")  # fmt: skip
+        if (self.method == "ld") != (self.model.head == "gfl") and self.method != "baseline":
+            raise ValueError(
+                f"Experiment {self.name!r}: method {self.method!r} with a {self.model.head!r} "
+                "head; LD distils GFL's box distributions (a 'gfl' student), and LAD, soft labels "
+                "and CoLAD build on PAA's assignment (not a 'gfl' network)"
+            )
+        network2 = self.distill.network2
+        if network2 is not None and network2.head == "gfl":
+            raise ValueError(f"Experiment {self.name!r}: CoLAD's network 2 cannot be GFL")
 
 
 #: On the CPU (``quick``, ``smoke``) a published backbone given by ``--backbone`` is built at
@@ -534,6 +596,8 @@ def _auxiliary(head: str, iou_branch: str, label: str):
 
 def describe_head(head: str, iou_branch: str) -> str:
     """A short name for a head variant, e.g. ``"COP head without the IoU branch"``."""
+    if head == "gfl":
+        return "GFL head"
     name = {"paa": "plain PAA head", "iop": "IOP head", "cop": "COP head"}[head]
     branch = {"infer": "with the IoU branch", "train": "with the IoU branch (not scored)",
               "none": "without the IoU branch"}[iou_branch]  # fmt: skip
@@ -570,6 +634,44 @@ def training_twin(experiment: Experiment) -> Experiment | None:
     return dataclasses.replace(experiment, name=name, model=model)
 
 
+def _gfl_like(build, label: str, describe: str, *, full_2x: bool = False):
+    """The GFL counterpart of a PAA-side experiment: the same data, networks, schedule, seeds
+    and (for ``ld``) pairing, with :func:`gfl_model`'s head. ``full_2x``: in ``full``, the ms-2x
+    recipe of the LD teachers (24 epochs, steps 16/22, short side 480-800; §16.8.5)."""
+
+    def gfl_build(profile: str, backbone: str | None = None, **options) -> Experiment:
+        base = build(profile, backbone, **options)
+        model = gfl_model(base.model)
+        experiment = dataclasses.replace(
+            base, name=f"{label}-{model.backbone}-{profile}", model=model,
+            method="ld" if base.method == "lad" else base.method,
+        )  # fmt: skip
+        if profile == "full" and full_2x:
+            data = dataclasses.replace(experiment.data, train_min_sizes=(480, 800))
+            train = dataclasses.replace(experiment.train, epochs=24, lr_steps=(16, 22))
+            experiment = dataclasses.replace(experiment, data=data, train=train)
+        return experiment
+
+    gfl_build.__doc__ = describe
+    return gfl_build
+
+
+def _ld(profile: str, backbone: str | None = None, teacher: str | None = None) -> Experiment:
+    """LD: a frozen GFL teacher's box distributions teach a GFL student (ALGORITHMS.md §16.8).
+
+    The pairs are LAD's: on the CPU the big GFL network (``gfl``, trained as long as ``paa``)
+    teaches the small one; in ``full`` GFL-R101 ms-2x (``gfl-big``, mmdetection's LD teacher)
+    teaches R50, or R18 with ``--backbone resnet18``; ``--teacher gfl`` gives the R50 teacher.
+    """
+    teacher = teacher or ("gfl-big" if profile == "full" else "gfl")
+    return _gfl_like(_lad, "ld", "")(profile, backbone, teacher=teacher)
+
+
+def _ld_up(profile: str, backbone: str | None = None, teacher: str = "gfl-small") -> Experiment:
+    """LD upwards: the small GFL network's distributions teach the big one (LAD-up's pair)."""
+    return _gfl_like(_lad_up, "ld-up", "")(profile, backbone, teacher=teacher)
+
+
 #: Named experiments: ``experiment(name, profile)`` builds them.
 EXPERIMENTS = {
     "paa": _paa_baseline,
@@ -583,6 +685,26 @@ EXPERIMENTS = {
     "colad-fisher": _colad_with("fisher"),
     "colad-cop": _colad_with("std_mean", cop=True),
     **{name: _auxiliary(head, iou, name) for name, head, iou in TABLE1_ROWS[1:]},
+    "gfl": _gfl_like(
+        _paa_baseline,
+        "gfl",
+        "GFL alone, trained as ``paa`` (GFL-R50 1x in ``full``, 40.2 AP in mmdetection).",
+    ),
+    "gfl-small": _gfl_like(
+        _paa_sized("small"),
+        "gfl-small",
+        "GFL alone, the small network of "
+        "the distillation pairs (``paa-small``'s network and schedule).",
+    ),
+    "gfl-big": _gfl_like(
+        _paa_sized("big"),
+        "gfl-big",
+        "GFL alone, the big network (``paa-big``"
+        "'s); in ``full`` GFL-R101 ms-2x, mmdetection's LD teacher (44.7 AP).",
+        full_2x=True,
+    ),
+    "ld": _ld,
+    "ld-up": _ld_up,
 }
 
 

@@ -406,11 +406,14 @@ def _resize(min_size: int, max_size: int) -> v2.Resize:
     return v2.Resize(min_size, max_size=max_size, antialias=True)
 
 
-def _normalised(min_size: int, max_size: int, *flips: v2.Transform) -> v2.Compose:
-    """Keep-ratio resize, the given flips, float conversion and normalisation."""
+def _normalised(
+    min_size: int, max_size: int, *flips: v2.Transform, resize: v2.Transform | None = None
+) -> v2.Compose:
+    """Keep-ratio resize (``resize``, default to ``min_size``), the given flips, float conversion
+    and normalisation."""
     return v2.Compose(
         [
-            _resize(min_size, max_size),
+            resize or _resize(min_size, max_size),
             *flips,
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(IMAGE_MEAN, IMAGE_STD),
@@ -419,13 +422,23 @@ def _normalised(min_size: int, max_size: int, *flips: v2.Transform) -> v2.Compos
 
 
 def train_transforms(
-    min_size: int = 800, max_size: int = 1333, *, hflip: float = 0.5
+    min_size: int = 800,
+    max_size: int = 1333,
+    *,
+    hflip: float = 0.5,
+    min_sizes: tuple[int, ...] = (),
 ) -> v2.Compose:
     """Training transforms: keep-ratio resize, horizontal flip, float conversion, normalisation.
 
     Defaults are the COCO settings of ALGORITHMS.md §1.4; profiles pass smaller sizes.
+    ``min_sizes = (low, high)`` draws each image's short side uniformly from ``low..high``
+    (multi-scale training; the long side still at most ``max_size``).
     """
-    return _normalised(min_size, max_size, v2.RandomHorizontalFlip(hflip))
+    resize = None
+    if min_sizes:
+        low, high = min_sizes
+        resize = v2.RandomShortestSize(list(range(low, high + 1)), max_size, antialias=True)
+    return _normalised(min_size, max_size, v2.RandomHorizontalFlip(hflip), resize=resize)
 
 
 def eval_transforms(min_size: int = 800, max_size: int = 1333) -> v2.Compose:

@@ -1,4 +1,4 @@
-"""The PAA detector: backbone + FPN + PAA head, trained with its own assignment.
+"""The detector: backbone + FPN + a PAA-family head (PAA's assignment) or GFL's (ATSS's).
 
 ``Detector.forward`` follows torchvision's contract: in training it takes ``targets`` and returns
 a dict of ``loss_*`` tensors; in eval it returns one ``{"boxes", "scores", "labels"}`` dict per
@@ -20,6 +20,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from colad import anchors as anchor_ops
+from colad import gfl
+from colad.atss import atss_assign
 from colad.backbone import build_feature_extractor
 from colad.boxes import BoxCoder
 from colad.checkpoint import CheckpointError
@@ -39,12 +41,14 @@ class Predictions:
     """Head outputs of one batch together with the anchors they refer to.
 
     Attributes:
-        head (dict[str, Tensor]): ``cls_logits`` (PAA) or ``cls_probs`` (IOP, COP) [B, A, C],
-            ``bbox_regression`` [B, A, 4] and, with the IoU branch, ``iou_logits`` [B, A].
+        head (dict[str, Tensor]): ``cls_logits`` (PAA, GFL) or ``cls_probs`` (IOP, COP)
+            [B, A, C]; ``bbox_regression`` [B, A, 4] and, with the IoU branch, ``iou_logits``
+            [B, A] (PAA family); or ``box_logits`` [B, A, 4 * (reg_max + 1)] (GFL).
         anchors (Tensor[A, 4]): xyxy, shared by the batch.
         valid (Tensor[B, A] bool): anchors inside each image's own padded extent.
         num_anchors_per_level (list[int]): ``H_l * W_l``.
         image_sizes (list[tuple[int, int]]): the valid ``(h, w)`` of each image.
+        strides (tuple[int, ...]): each level's stride.
     """
 
     head: dict[str, Tensor]
@@ -52,10 +56,19 @@ class Predictions:
     valid: Tensor
     num_anchors_per_level: list[int]
     image_sizes: list[tuple[int, int]]
+    strides: tuple[int, ...]
+
+    def anchor_strides(self) -> Tensor:
+        """Tensor[A]: the stride of each anchor's level."""
+        level = anchor_ops.level_of_anchor(self.num_anchors_per_level, device=self.anchors.device)
+        return self.anchors.new_tensor(self.strides)[level]
 
 
 class Detector(nn.Module):
-    """A one-stage detector with a PAA head (ALGORITHMS.md §1-3).
+    """A one-stage detector with a PAA-family head (ALGORITHMS.md §1-3, §8-9) or GFL's (§16).
+
+    ``config.head`` decides the head, the assigner (PAA's mixture split; ATSS for ``"gfl"``),
+    the losses and how boxes are decoded; backbone, FPN, anchors and the steps below are shared.
 
     Args:
         config: the architecture, assignment, loss and inference settings.
@@ -81,15 +94,15 @@ class Detector(nn.Module):
             fpn_channels=config.fpn_channels,
             num_levels=config.num_levels,
         )
-        self.head = PAAHead(
-            config.fpn_channels,
-            config.num_classes,
-            config.num_levels,
-            num_convs=config.head_convs,
-            norm_groups=config.norm_groups,
-            head=config.head,
-            iou_branch=config.iou_branch,
-        )
+        towers = dict(num_convs=config.head_convs, norm_groups=config.norm_groups)
+        if config.head == "gfl":
+            self.head = gfl.GFLHead(config.fpn_channels, config.num_classes, config.num_levels,
+                                    reg_max=config.reg_max, **towers)  # fmt: skip
+        else:
+            self.head = PAAHead(
+                config.fpn_channels, config.num_classes, config.num_levels, head=config.head,
+                iou_branch=config.iou_branch, **towers,
+            )  # fmt: skip
         self.box_coder = BoxCoder()
 
     @property
@@ -141,11 +154,16 @@ class Detector(nn.Module):
             valid=valid,
             num_anchors_per_level=anchor_ops.num_anchors_per_level(sizes),
             image_sizes=[tuple(s) for s in images.image_sizes],
+            strides=self.strides,
         )
 
     def assign(self, predictions: Predictions, targets: list[dict[str, Tensor]]) -> Assignment:
-        """PAA assignment from these predictions (the detector's own, or a teacher's)."""
+        """PAA assignment from these predictions (the detector's own, or a teacher's); for GFL,
+        ATSS's, which reads only the anchors and objects."""
         cfg = self.config
+        if cfg.head == "gfl":
+            return atss_assign(predictions.anchors, predictions.valid, targets,
+                               predictions.num_anchors_per_level, topk=cfg.topk)  # fmt: skip
         cls_scores, probabilities = class_output(predictions.head)
         return paa_assign(
             cls_scores,
@@ -166,13 +184,21 @@ class Detector(nn.Module):
     def loss(
         self, predictions: Predictions, assignment: Assignment, *, box_weighting: str | None = None
     ) -> dict[str, Tensor]:
-        """The PAA losses of these predictions under ``assignment`` (whoever made it).
+        """The losses of these predictions under ``assignment`` (whoever made it): PAA's, or
+        GFL's (:func:`colad.gfl.gfl_losses`) for a GFL head.
 
         ``box_weighting`` (:func:`colad.losses.paa_losses`) defaults to PAA's IoU-weighted GIoU,
         or to the plain mean over the positives for a head without the IoU branch (the paper's
-        "base" heads); LAD's student asks for ``"mean"``.
+        "base" heads); LAD's student asks for ``"mean"``. GFL weighs its boxes by their scores.
         """
         cfg = self.config
+        if cfg.head == "gfl":
+            if box_weighting is not None:
+                raise ValueError("GFL weighs its box losses by its scores; box_weighting is PAA's")
+            return gfl.gfl_losses(
+                predictions.head, predictions.anchors, predictions.anchor_strides(), assignment,
+                beta=cfg.qfl_beta, giou_weight=cfg.giou_weight, dfl_weight=cfg.dfl_weight,
+            )  # fmt: skip
         if box_weighting is None:
             box_weighting = "mean" if cfg.iou_branch == "none" else "iou"
         return paa_losses(
@@ -277,12 +303,14 @@ def detection_scores(predictions: Predictions, use_iou: bool = True) -> Tensor:
 def postprocess(
     predictions: Predictions, config: ModelConfig, box_coder: BoxCoder | None = None
 ) -> list[dict[str, Tensor]]:
-    """PAA inference (ALGORITHMS.md §3.8), per image.
+    """PAA and GFL inference (ALGORITHMS.md §3.8, §16.7), per image.
 
     1. Score every (anchor, class) (:func:`detection_scores`): ``S = sqrt(p * sigmoid(iou))``,
-       or ``S = p`` where the IoU branch is absent or not used (``config.iou_branch``).
+       or ``S = p`` where the IoU branch is absent or not used (``config.iou_branch``; GFL's
+       joint score is such a ``p``).
     2. On each level keep the ``nms_pre`` anchors with the best ``max_c S``.
-    3. Decode their boxes, clamped to the image; keep pairs with ``S > score_thresh``.
+    3. Decode their boxes (deltas, or GFL's expected distances), clamped to the image; keep
+       pairs with ``S > score_thresh``.
     4. Class-wise NMS at ``nms_thresh``; keep the best ``detections_per_img``.
     5. Score voting (if enabled) moves each kept box; scores stay.
 
@@ -294,11 +322,17 @@ def postprocess(
     head = predictions.head
     scores = detection_scores(predictions, use_iou=config.iou_branch == "infer")
     results = []
+    strides = predictions.anchor_strides() if "box_logits" in head else None
     for k, image_size in enumerate(predictions.image_sizes):
         keep = _top_per_level(scores[k].amax(-1), predictions.num_anchors_per_level, config.nms_pre)
-        boxes = box_coder.decode(
-            head["bbox_regression"][k, keep].float(), predictions.anchors[keep], image_size
-        )
+        if strides is None:
+            boxes = box_coder.decode(
+                head["bbox_regression"][k, keep].float(), predictions.anchors[keep], image_size
+            )
+        else:
+            boxes = gfl.decode_boxes(
+                head["box_logits"][k, keep], predictions.anchors[keep], strides[keep], image_size
+            )
         anchor_idx, labels = torch.nonzero(scores[k, keep] > config.score_thresh, as_tuple=True)
         cand_boxes, cand_scores = boxes[anchor_idx], scores[k, keep][anchor_idx, labels]
         kept = batched_nms(cand_boxes, cand_scores, labels, config.nms_thresh)

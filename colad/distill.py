@@ -1,4 +1,4 @@
-"""Label assignment distillation: LAD, soft labels (KD), SoLAD and CoLAD.
+"""Distillation: LAD, soft labels (KD), SoLAD, CoLAD, and LD for GFL detectors.
 
 A *method* is how one training step turns a batch into losses for the networks it trains. Each
 is a short step function below; the engine trains a module whose ``forward`` runs one of them:
@@ -11,8 +11,10 @@ is a short step function below; the engine trains a module whose ``forward`` run
 * :func:`colad_step` -- CoLAD: two networks train together on one shared assignment whose costs
   :func:`colad_switch` takes, per (object, FPN level), from the network with the more
   discriminative costs.
+* :func:`ld_step` -- LD: a GFL student trains on its own (ATSS) assignment and also learns a
+  frozen GFL teacher's box distributions at its positives (:func:`colad.gfl.ld_loss`).
 
-:class:`TeacherStudent` (LAD, KD, SoLAD) and :class:`CoLADPair` are what the engine trains:
+:class:`TeacherStudent` (LAD, KD, SoLAD, LD) and :class:`CoLADPair` are what the engine trains:
 optimizer, checkpoints and DistributedDataParallel see only the trained weights.
 """
 
@@ -25,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from colad.anchors import level_of_anchor
-from colad.config import Experiment, ModelConfig
+from colad.config import TEACHER_METHODS, Experiment, ModelConfig
 from colad.detector import Detector, Predictions
+from colad.gfl import ld_loss
 from colad.gmm import fit_two_component_gmm
 from colad.heads import class_output, describe_head
 from colad.losses import kd_losses
@@ -35,8 +38,10 @@ from colad.paa import Assignment, PAATrace, anchor_costs, max_iou_assign, pad_ta
 __all__ = [
     "freeze",
     "check_compatible",
+    "check_teacher",
     "paa_step",
     "lad_step",
+    "ld_step",
     "kd_step",
     "solad_step",
     "colad_switch",
@@ -61,10 +66,15 @@ def freeze(teacher: nn.Module) -> nn.Module:
 #: Settings a teacher and its student must share: the assignment's anchor indices are the
 #: student's (ALGORITHMS.md §4), and its labels index the student's classes.
 _SHARED = ("num_classes", "num_levels", "anchor_scale", "pos_iou_thr", "topk")
+#: Settings an LD teacher and its student must share: the distributions are compared anchor by
+#: anchor (same levels, hence strides and grid) and bin by bin (same ``reg_max``).
+_SHARED_LD = ("num_classes", "num_levels", "reg_max")
 
 
-def check_compatible(teacher: ModelConfig, student: ModelConfig, names: tuple[str, str]) -> None:
-    """Raise ValueError unless the two networks share anchors, classes and top-k.
+def check_compatible(
+    teacher: ModelConfig, student: ModelConfig, names: tuple[str, str], fields=_SHARED
+) -> None:
+    """Raise ValueError unless the two networks share anchors, classes and top-k (``fields``).
 
     Backbone, widths and head depth may differ: the teacher's assignment only names anchors.
 
@@ -73,7 +83,7 @@ def check_compatible(teacher: ModelConfig, student: ModelConfig, names: tuple[st
     """
     differ = [
         f"{field} {getattr(teacher, field)} vs {getattr(student, field)}"
-        for field in _SHARED
+        for field in fields
         if getattr(teacher, field) != getattr(student, field)
     ]
     if differ:
@@ -82,6 +92,35 @@ def check_compatible(teacher: ModelConfig, student: ModelConfig, names: tuple[st
             f"assign labels for student {names[1]!r} ({student.backbone}, "
             f"{student.num_classes} classes): {'; '.join(differ)}"
         )
+
+
+def _check_heads(method: str, teacher: ModelConfig, student: ModelConfig, name: str) -> None:
+    """Raise ValueError unless the teacher's head gives what ``method`` takes from it: box
+    distributions (LD: GFL teacher and student) or PAA costs (LAD, soft labels: no GFL)."""
+    gfl = {"teacher": teacher.head == "gfl", "student": student.head == "gfl"}
+    if method == "ld" and not all(gfl.values()):
+        role = "teacher" if not gfl["teacher"] else "student"
+        head = (teacher if role == "teacher" else student).head
+        raise ValueError(
+            f"{name}: LD distils a GFL teacher's box distributions into a GFL student, but the "
+            f"{role} has a {describe_head(head, 'infer')} (ModelConfig.head={head!r}); train "
+            "the teacher with a GFL experiment (e.g. 'gfl')"
+        )
+    if method != "ld" and any(gfl.values()):
+        role = "teacher" if gfl["teacher"] else "student"
+        raise ValueError(
+            f"{name}: {method.upper()} takes a PAA assignment from the teacher's predictions, "
+            f"but the {role} is a GFL detector (ATSS ignores predictions); distil GFL with LD "
+            "(experiment 'ld')"
+        )
+
+
+def check_teacher(teacher: ModelConfig, experiment: Experiment, name: str) -> None:
+    """Raise ValueError unless ``teacher`` can teach ``experiment``'s student by its method:
+    the right head type (:func:`_check_heads`) and the settings the method compares."""
+    _check_heads(experiment.method, teacher, experiment.model, f"teacher {name!r}")
+    fields = _SHARED_LD if experiment.method == "ld" else _SHARED
+    check_compatible(teacher, experiment.model, (name, experiment.name), fields)
 
 
 def _teacher_outputs(
@@ -124,6 +163,25 @@ def lad_step(
     predictions = student.predict(images)
     _, assignment = _teacher_outputs(teacher, images, targets, assign=True)  # not the student's
     return student.loss(predictions, assignment, box_weighting="mean")
+
+
+def ld_step(student: Detector, teacher: Detector, images, targets, distill) -> dict[str, Tensor]:
+    """LD: GFL's own losses plus the distillation of the teacher's box distributions
+    (ALGORITHMS.md §16.8).
+
+    The assignment is the student's ATSS, which reads only anchors and objects, so the teacher
+    would assign the same anchors; the teacher gives its bin logits and nothing else.
+    """
+    predictions = student.predict(images)
+    teacher_head, _ = _teacher_outputs(teacher, images, targets, assign=False)
+    assignment = student.assign(predictions, targets)
+    losses = student.loss(predictions, assignment)
+    losses["loss_ld"] = ld_loss(
+        predictions.head, teacher_head["box_logits"], assignment,
+        temperature=distill.ld_temperature, weight=distill.ld_weight,
+        reference_images=distill.ld_reference_images,
+    )  # fmt: skip
+    return losses
 
 
 def _soft_labels(
@@ -378,7 +436,7 @@ def colad_step(pair: CoLADPair, images, targets: list[dict[str, Tensor]]) -> dic
 
 
 class TeacherStudent(nn.Module):
-    """A student and its frozen teacher, trained by LAD, KD or SoLAD.
+    """A student and its frozen teacher, trained by LAD, KD, SoLAD or LD.
 
     Only the student is a submodule: the optimizer, DistributedDataParallel and the checkpoint
     see the student's weights alone (the checkpoint loads into a plain
@@ -387,14 +445,16 @@ class TeacherStudent(nn.Module):
     Args:
         student: the network that learns.
         teacher: a trained detector (frozen here).
-        method: ``"lad"``, ``"kd"`` or ``"solad"``.
-        kd: the soft-label settings (:class:`colad.config.DistillConfig`).
+        method: ``"lad"``, ``"kd"``, ``"solad"`` or ``"ld"``.
+        kd: the soft-label and LD settings (:class:`colad.config.DistillConfig`).
     """
 
     def __init__(self, student: Detector, teacher: Detector, method: str, kd) -> None:
         super().__init__()
-        if method not in ("lad", "kd", "solad"):
-            raise ValueError(f"TeacherStudent: method {method!r}; choose lad, kd or solad")
+        if method not in TEACHER_METHODS:
+            raise ValueError(f"TeacherStudent: method {method!r}; choose one of "
+                             f"{', '.join(TEACHER_METHODS)}")  # fmt: skip
+        _check_heads(method, teacher.config, student.config, "TeacherStudent")
         self.student = student
         object.__setattr__(self, "teacher", freeze(teacher))  # not a submodule: never trained
         self.method, self.kd = method, kd
@@ -404,7 +464,7 @@ class TeacherStudent(nn.Module):
             return self.student(images)
         if self.method == "lad":
             return lad_step(self.student, self.teacher, images, targets)
-        step = kd_step if self.method == "kd" else solad_step
+        step = {"kd": kd_step, "solad": solad_step, "ld": ld_step}[self.method]
         return step(self.student, self.teacher, images, targets, self.kd)
 
     def _apply(self, fn, recurse=True):
@@ -455,7 +515,7 @@ def networks(trainee: nn.Module) -> dict[str, Detector]:
 def build_trainee(experiment: Experiment, teacher: Detector | None = None) -> nn.Module:
     """The module the engine trains for ``experiment``: a :class:`~colad.detector.Detector`
     (``baseline``), a :class:`TeacherStudent` around a new student and ``teacher`` (``lad``,
-    ``kd``, ``solad``) or a :class:`CoLADPair` of two new networks (``colad``)."""
+    ``kd``, ``solad``, ``ld``) or a :class:`CoLADPair` of two new networks (``colad``)."""
     method, distill = experiment.method, experiment.distill
     if method == "baseline":
         return Detector(experiment.model)

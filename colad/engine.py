@@ -53,7 +53,7 @@ from colad.checkpoint import (
 )
 from colad.config import Experiment, TrainConfig
 from colad.data import collate
-from colad.distill import build_trainee, check_compatible, freeze, networks
+from colad.distill import build_trainee, check_teacher, freeze, networks
 
 __all__ = [
     "get_device",
@@ -134,7 +134,9 @@ def build_datasets(experiment: Experiment) -> tuple[data.CocoDetection, data.Coc
     train_set = data.CocoDetection(
         paths["train"].ann_file,
         paths["train"].image_dir,
-        data.train_transforms(cfg.min_size, cfg.max_size, hflip=cfg.hflip),
+        data.train_transforms(
+            cfg.min_size, cfg.max_size, hflip=cfg.hflip, min_sizes=cfg.train_min_sizes
+        ),
         drop_empty=True,
     )
     val_set = data.CocoDetection(
@@ -226,7 +228,8 @@ def load_teacher(experiment: Experiment, *, progress: bool = True) -> nn.Module:
     A named teacher is taken from the run cache and trained first if it is not there.
 
     Raises:
-        ValueError: no such teacher, or one whose anchors, classes or top-k differ from the
+        ValueError: no such teacher, one of the wrong head type for the method (LD needs GFL,
+            LAD and soft labels PAA), or one whose anchors, classes or top-k differ from the
             student's.
         CheckpointError: the teacher's checkpoint is unreadable or does not fit its own
             architecture.
@@ -244,7 +247,7 @@ def load_teacher(experiment: Experiment, *, progress: bool = True) -> nn.Module:
             raise CheckpointError(f"{source}: its experiment cannot be read ({e})") from None
         model, name = build_model(saved), str(source)
         load_weights(model, network_weights(state["model"], saved), str(source))
-    check_compatible(model.config, experiment.model, (name, experiment.name))
+    check_teacher(model.config, experiment, name)
     return freeze(model)
 
 

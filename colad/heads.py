@@ -29,6 +29,7 @@ __all__ = [
     "HEADS",
     "IOU_BRANCHES",
     "Scale",
+    "TowerHead",
     "PAAHead",
     "flatten_levels",
     "cop_fuse",
@@ -174,7 +175,9 @@ def class_output(head_outputs: dict[str, Tensor]) -> tuple[Tensor, bool]:
 
 def head_of_weights(weights: dict, prefix: str = "head.") -> tuple[str, bool]:
     """Which head variant a state dict holds, from its keys: ``(head, has_iou_branch)``."""
-    if f"{prefix}cop_weights.weight" in weights:
+    if f"{prefix}box_distribution.weight" in weights:
+        head = "gfl"
+    elif f"{prefix}cop_weights.weight" in weights:
         head = "cop"
     elif f"{prefix}objectness.weight" in weights:
         head = "iop"
@@ -189,7 +192,54 @@ def flatten_levels(per_level: list[Tensor]) -> Tensor:
     return torch.cat([x.flatten(2).transpose(1, 2) for x in per_level], dim=1)
 
 
-class PAAHead(nn.Module):
+class TowerHead(nn.Module):
+    """What every head of colad shares (ATSS's design): a classification and a regression tower,
+    each ``num_convs`` times conv3x3 (no bias) → GroupNorm → ReLU, shared by all levels; the
+    class conv on the first; a learnable scale per level; N(0, 0.01) initialisation with the
+    class bias at the prior ``pi``; and running on every level (:meth:`forward_level`, which a
+    subclass writes) with the outputs flattened in colad's anchor order.
+
+    Subclasses add their output convolutions after ``super().__init__`` and then call
+    :meth:`init_weights`.
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, num_levels: int, num_convs: int, norm_groups: int
+    ) -> None:
+        super().__init__()
+        if in_channels % norm_groups:
+            raise ValueError(f"norm_groups={norm_groups} does not divide {in_channels} channels")
+        self.num_classes = num_classes
+        self.cls_tower = _tower(in_channels, num_convs, norm_groups)
+        self.reg_tower = _tower(in_channels, num_convs, norm_groups)
+        self.cls_logits = nn.Conv2d(in_channels, num_classes, 3, padding=1)
+        self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
+
+    def init_weights(self, prior_prob: float) -> None:
+        """Every convolution's weights ~ N(0, 0.01^2) and biases 0; the class bias at
+        ``-log((1 - pi) / pi)``, so that every class starts at probability ``pi``."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, std=0.01)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.constant_(self.cls_logits.bias, _prior_bias(prior_prob))
+
+    def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
+        """Run :meth:`forward_level` on every level's map ``Tensor[B, in_channels, H_l, W_l]``
+        and flatten each output to ``Tensor[B, A, D]``."""
+        if len(features) != len(self.scales):
+            raise ValueError(
+                f"{type(self).__name__}: {len(features)} levels, built for {len(self.scales)}"
+            )
+        levels = [self.forward_level(feature, k) for k, feature in enumerate(features)]
+        return {name: flatten_levels([level[name] for level in levels]) for name in levels[0]}
+
+    def forward_level(self, feature: Tensor, level: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+class PAAHead(TowerHead):
     """Classification, box and IoU predictions for every anchor (ATSS's head, reused by PAA),
     with the auxiliary-prediction variants of the module docstring.
 
@@ -231,17 +281,11 @@ class PAAHead(nn.Module):
         head: str = "paa",
         iou_branch: str = "infer",
     ) -> None:
-        super().__init__()
-        if in_channels % norm_groups:
-            raise ValueError(f"norm_groups={norm_groups} does not divide {in_channels} channels")
-        if head not in HEADS or iou_branch not in IOU_BRANCHES:
+        if head not in HEADS or head == "gfl" or iou_branch not in IOU_BRANCHES:
             raise ValueError(f"head={head!r}, iou_branch={iou_branch!r}; choose a head in "
-                             f"{HEADS} and an IoU branch in {IOU_BRANCHES}")  # fmt: skip
-        self.num_classes = num_classes
+                             f"{HEADS[:3]} and an IoU branch in {IOU_BRANCHES}")  # fmt: skip
+        super().__init__(in_channels, num_classes, num_levels, num_convs, norm_groups)
         self.kind, self.has_iou = head, iou_branch != "none"
-        self.cls_tower = _tower(in_channels, num_convs, norm_groups)
-        self.reg_tower = _tower(in_channels, num_convs, norm_groups)
-        self.cls_logits = nn.Conv2d(in_channels, num_classes, 3, padding=1)
         self.bbox_regression = nn.Conv2d(in_channels, 4, 3, padding=1)
         if self.has_iou:
             self.iou_logits = nn.Conv2d(in_channels, 1, 3, padding=1)
@@ -250,13 +294,7 @@ class PAAHead(nn.Module):
             self.obj_threshold = nn.Conv2d(in_channels, 1, 3, padding=1)
         elif head == "cop":
             self.cop_weights = nn.Conv2d(in_channels, len(COP_OFFSETS), 3, padding=1)
-        self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.normal_(module.weight, std=0.01)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        nn.init.constant_(self.cls_logits.bias, _prior_bias(prior_prob))
+        self.init_weights(prior_prob)
         if head == "iop":  # the threshold starts near 0: p = 0.5 * sigmoid(z) at first
             nn.init.constant_(self.obj_threshold.bias, _prior_bias(IOP_THRESHOLD_PRIOR))
 
@@ -272,10 +310,7 @@ class PAAHead(nn.Module):
             the IoU branch, ``iou_logits`` (Tensor[B, A]), flattened over levels in colad's
             anchor order.
         """
-        if len(features) != len(self.scales):
-            raise ValueError(f"PAAHead: {len(features)} levels, built for {len(self.scales)}")
-        levels = [self.forward_level(feature, k) for k, feature in enumerate(features)]
-        outputs = {name: flatten_levels([level[name] for level in levels]) for name in levels[0]}
+        outputs = super().forward(features)
         if self.has_iou:
             outputs["iou_logits"] = outputs["iou_logits"][..., 0]
         return outputs

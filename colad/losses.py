@@ -1,5 +1,5 @@
 """Training losses: focal classification (on logits or on probabilities), GIoU, IoU prediction,
-and the soft-label (KD) losses.
+the soft-label (KD) losses, and GFL's and LD's losses on a joint score and on box distributions.
 
 Every loss is a sum with an explicit normaliser (ALGORITHMS.md §3.7), and the hard-label losses
 take an :class:`colad.paa.Assignment`, so whoever assigned the anchors (the network itself, a
@@ -26,6 +26,9 @@ __all__ = [
     "BOX_WEIGHTINGS",
     "focal_kl",
     "kd_losses",
+    "quality_focal_loss",
+    "distribution_focal_loss",
+    "distribution_kl",
 ]
 
 #: How :func:`paa_losses` averages the GIoU loss over the positives: ``"iou"`` weights each box
@@ -306,3 +309,102 @@ def kd_losses(
     giou = aligned_giou(student_boxes, teacher_boxes)
     losses["loss_kd_bbox"] = giou_weight * (weight.clamp(min=WEIGHT_FLOOR) * (1 - giou)).sum() / avg
     return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# GFL and LD (ALGORITHMS.md §16.6, §16.8)
+
+
+def quality_focal_loss(logits: Tensor, targets: Tensor, beta: float = 2.0) -> Tensor:
+    """Elementwise quality focal loss: ``|y - sigmoid(z)|^beta * BCE(sigmoid(z), y)``.
+
+    GFL's classifier predicts one *joint* score per class, trained toward the IoU of the anchor's
+    current box with its object (``y`` in ``[0, 1]``) at the object's class and toward 0
+    elsewhere. The modulating factor is not detached, and there is no ``alpha`` balance: for
+    0/1 targets and ``beta = gamma`` this is the focal loss with ``alpha`` left out.
+
+    Args:
+        logits (Tensor[...]): ``z``.
+        targets (Tensor[...]): ``y``, same shape.
+        beta: the modulating exponent (2).
+
+    Returns:
+        Tensor[...] float32: the loss of every element (not reduced).
+
+    Reference:
+        Li et al., NeurIPS 2020 (GFL), Eq. 5; ALGORITHMS.md §16.6.
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(f"quality_focal_loss: logits {tuple(logits.shape)} vs targets "
+                         f"{tuple(targets.shape)}")  # fmt: skip
+    logits, targets = logits.float(), targets.float()
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return (targets - torch.sigmoid(logits)).abs().pow(beta) * bce
+
+
+def distribution_focal_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Distribution focal loss of each row of bin logits for a continuous target.
+
+    With ``i = floor(y)`` and ``S = softmax(logits)``:
+    ``DFL = -[(i + 1 - y) log S_i + (y - i) log S_{i+1}]``: cross-entropy to the two bins around
+    ``y``, each weighted by how close ``y`` is to it. Its minimum puts mass ``i + 1 - y`` on bin
+    ``i`` and ``y - i`` on bin ``i + 1``, whose expectation is exactly ``y``.
+
+    Args:
+        logits (Tensor[N, n + 1]): one row of bin logits per (anchor, side).
+        targets (Tensor[N]): ``y`` in ``[0, n)``; GFL clamps its targets to ``n - 0.1``
+            (:func:`colad.gfl.boxes_to_distances`) so that bin ``i + 1`` exists.
+
+    Returns:
+        Tensor[N] float32.
+
+    Reference:
+        Li et al., NeurIPS 2020 (GFL), Eq. 6; ALGORITHMS.md §16.6.
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"distribution_focal_loss: logits [N, bins] and targets [N]; got "
+                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")  # fmt: skip
+    bins = logits.shape[1]
+    targets = targets.float()
+    low, high = (float(targets.min()), float(targets.max())) if len(targets) else (0.0, 0.0)
+    if not 0 <= low <= high < bins - 1:
+        raise ValueError(f"distribution_focal_loss: targets must lie in [0, {bins - 1}) for "
+                         f"{bins} bins; got [{low}, {high}]")  # fmt: skip
+    left = targets.long()
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    weight_left = left + 1 - targets
+    weight_right = targets - left
+    return -(weight_left * log_probs.gather(1, left[:, None])[:, 0]
+             + weight_right * log_probs.gather(1, left[:, None] + 1)[:, 0])  # fmt: skip
+
+
+def distribution_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """LD's distillation loss of each row: ``T^2 / K * KL(softmax(t / T) || softmax(s / T))``.
+
+    Both rows are softened by the temperature ``T``; the student's row ``s`` learns the
+    teacher's ``t`` (detached), one box side's ``K`` bins at a time. ``T^2`` keeps the gradient's
+    size independent of ``T`` (Hinton et al.), and the mean over the ``K`` bins is the reference's
+    normalisation. Teacher bins of probability 0 contribute 0.
+
+    Args:
+        student_logits (Tensor[N, K]): the student's bin logits.
+        teacher_logits (Tensor[N, K]): the teacher's, same shape (no gradient flows to them).
+        temperature: ``T >= 1`` (10 in LD).
+
+    Returns:
+        Tensor[N] float32: the loss of every row; 0 where the rows are equal.
+
+    Reference:
+        Zheng et al., CVPR 2022 (LD); ALGORITHMS.md §16.8.2.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(f"distribution_kl: student {tuple(student_logits.shape)} and teacher "
+                         f"{tuple(teacher_logits.shape)} must be the same [N, K]")  # fmt: skip
+    if not temperature >= 1:
+        raise ValueError(f"distribution_kl: temperature {temperature} must be at least 1")
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+    teacher = log_teacher.exp()
+    # p_t (log p_t - log p_s), exactly 0 for equal rows, and 0 where p_t underflows to 0.
+    kl = torch.where(teacher > 0, teacher * (log_teacher - log_student), 0.0)
+    return temperature**2 * kl.mean(dim=1)

@@ -34,6 +34,8 @@ __all__ = [
     "plot_history",
     "show_detections",
     "own_vs_teacher",
+    "assignments_side_by_side",
+    "plot_side_distributions",
     "plot_switch",
     "plot_comparison",
     "cop_neighbourhood",
@@ -477,21 +479,113 @@ def own_vs_teacher(student, teacher, dataset, indices: Sequence[int] = range(20)
         ``(figure, facts)``; ``facts`` has the image ``index`` and the number of positives
         ``own``, ``teacher`` and ``shared`` (same anchor, same object).
     """
+    fig, facts = assignments_side_by_side(
+        {"student's own": student, "teacher's (LAD)": teacher}, dataset, indices, size=size
+    )
+    own, taught = facts["positives"].values()
+    return fig, {"index": facts["index"], "own": own, "teacher": taught, "shared": facts["shared"]}
+
+
+def assignments_side_by_side(
+    detectors: Mapping[str, object], dataset, indices: Sequence[int] = range(20), *, size=3.0
+):
+    """The image of ``dataset`` (among ``indices``) where two detectors' assignments differ
+    most, their positives drawn side by side (:func:`plot_positives`).
+
+    Each detector assigns with its own rule (:meth:`colad.detector.Detector.assign`: PAA's
+    from its predictions, ATSS for a GFL detector); they must share the anchor grid.
+
+    Args:
+        detectors: two named detectors (eval mode is set here).
+
+    Returns:
+        ``(figure, facts)``; ``facts``: the image ``index``, ``positives`` per detector name,
+        ``shared`` (same anchor, same object) and ``per_level`` (name -> positives per level).
+    """
+    if len(detectors) != 2:
+        raise ValueError(f"assignments_side_by_side compares two detectors, got {len(detectors)}")
     best = None
     for i in [i for i in indices if i < len(dataset)]:
         image, target = dataset[i]
-        own = student.eval().assign(student.predict([image]), [target]).matched_idxs[0]
-        taught = teacher.eval().assign(teacher.predict([image]), [target]).matched_idxs[0]
-        shared = int(((own >= 0) & (own == taught)).sum())
-        differ = int((own >= 0).sum()) + int((taught >= 0).sum()) - 2 * shared
+        found = {}
+        for name, detector in detectors.items():
+            predictions = detector.eval().predict([image])
+            found[name] = detector.assign(predictions, [target]).matched_idxs[0]
+        first, second = found.values()
+        shared = int(((first >= 0) & (first == second)).sum())
+        differ = int((first >= 0).sum()) + int((second >= 0).sum()) - 2 * shared
         if best is None or differ > best[0]:
-            best = (differ, i, image, target, own, taught, shared)
-    _, i, image, target, own, taught, shared = best
-    anchors = student.predict([image]).anchors
-    fig = plot_positives(image, target["boxes"], anchors,
-                         {"student's own": own, "teacher's (LAD)": taught}, size=size)  # fmt: skip
-    facts = {"index": i, "own": int((own >= 0).sum()), "teacher": int((taught >= 0).sum()),
-             "shared": shared}  # fmt: skip
+            best = (differ, i, image, target, found, shared, predictions)
+    _, i, image, target, found, shared, predictions = best
+    fig = plot_positives(image, target["boxes"], predictions.anchors, found, size=size)
+    levels = np.repeat(np.arange(len(predictions.num_anchors_per_level)),
+                       predictions.num_anchors_per_level)  # fmt: skip
+    per_level = {
+        name: np.bincount(levels[(m >= 0).cpu().numpy()], minlength=len(predictions.strides))
+        for name, m in found.items()
+    }
+    facts = {"index": i, "positives": {n: int((m >= 0).sum()) for n, m in found.items()},
+             "shared": shared, "per_level": per_level}  # fmt: skip
+    return fig, facts
+
+
+def plot_side_distributions(student, teacher, image: Tensor, target: Mapping[str, Tensor], *,
+                            temperature: float = 10.0, size: float = 2.2):  # fmt: skip
+    """What LD distils, at one positive: each box side's distribution over the distance bins
+    from a GFL teacher and a GFL student, at ``T = 1`` and softened at ``temperature``, with the
+    object's true distance.
+
+    The positive shown is the student's (ATSS) positive where the teacher's joint score is
+    highest.
+
+    Returns:
+        ``(figure, facts)``; ``facts``: ``anchor``, ``stride``, ``target`` (the four distances in
+        strides), ``teacher`` and ``student`` (their expected distances) and ``kl`` (LD's loss of
+        each side, :func:`colad.losses.distribution_kl`).
+    """
+    from .gfl import boxes_to_distances, expected_distances
+    from .losses import distribution_kl
+
+    with torch.no_grad():
+        outputs = {}
+        for name, net in (("teacher", teacher), ("student", student)):
+            outputs[name] = net.eval().predict([image])
+        predictions = outputs["student"]
+        assignment = student.assign(predictions, [target])
+        positives = assignment.positive[0].nonzero()[:, 0]
+        if not len(positives):
+            raise ValueError("plot_side_distributions: the image has no positive anchor")
+        scores = torch.sigmoid(outputs["teacher"].head["cls_logits"][0, positives]).amax(-1)
+        anchor = int(positives[int(scores.argmax())])
+        stride = float(predictions.anchor_strides()[anchor])
+        centre = (predictions.anchors[anchor, :2] + predictions.anchors[anchor, 2:]) / 2
+        box = assignment.target_boxes(torch.tensor([0]), torch.tensor([anchor]))
+        bins = predictions.head["box_logits"].shape[-1] // 4
+        truth = boxes_to_distances(centre[None] / stride, box / stride, bins - 1)[0]
+        logits = {n: o.head["box_logits"][0, anchor].view(4, bins) for n, o in outputs.items()}
+    fig, axes = plt.subplots(2, 4, figsize=(size * 4, size * 1.4), sharex=True)
+    x = np.arange(bins)
+    for row, scale in enumerate((1.0, temperature)):
+        for side, ax in enumerate(axes[row]):
+            for k, (name, values) in enumerate(logits.items()):
+                probs = torch.softmax(values[side] / scale, -1).numpy()
+                ax.bar(x + (k - 0.5) * 0.4, probs, 0.4, color=ROLE_COLORS[name], label=name)
+            ax.axvline(float(truth[side]), color=ROLE_COLORS["gt"], linestyle="--",
+                       label="object")  # fmt: skip
+            if row == 0:
+                ax.set_title(("left", "top", "right", "bottom")[side], fontsize=9)
+            if side == 0:
+                ax.set_ylabel(f"T = {scale:g}")
+    for ax in axes[1]:
+        ax.set_xlabel("distance (strides)")
+    axes[0, 0].legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    kl = distribution_kl(logits["student"], logits["teacher"], temperature)
+    facts = {
+        "anchor": anchor, "stride": stride, "target": truth.tolist(),
+        **{n: expected_distances(v.flatten()).tolist() for n, v in logits.items()},
+        "kl": kl.tolist(),
+    }  # fmt: skip
     return fig, facts
 
 
