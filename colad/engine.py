@@ -20,6 +20,7 @@ trains its share of each batch, rank 0 logs and writes, and evaluation is gather
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import hashlib
@@ -33,7 +34,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -637,8 +638,20 @@ def _write_results(
     _write_json(path / METRICS, summary)
     say(
         f"{experiment.name}: AP {metrics['AP']:.3f}, AP50 {metrics['AP50']:.3f} "
-        f"({loop.step} steps, {loop.seconds:.0f} s) -> {path}"
+        f"({loop.step} steps, {loop.seconds:.0f} s) -> {shown_path(path)}"
     )
+
+
+def shown_path(path: Path) -> str:
+    """``path`` as log lines show it: under the data root as ``data/...`` (or ``$COLAD_DATA/...``),
+    so that a chapter's output names no directory of the machine that built it."""
+    root = config.data_root()
+    try:
+        inside = Path(path).resolve().relative_to(root)
+    except ValueError:
+        return str(path)
+    prefix = "$COLAD_DATA" if os.environ.get("COLAD_DATA", "").strip() else "data"
+    return f"{prefix}/{inside.as_posix()}"
 
 
 def detections_file(network: str, names: list[str]) -> str:
@@ -659,19 +672,45 @@ def _describe_device(env: dist.DistEnv) -> str:
 # The run cache
 
 
-#: Modules that cannot change what a run computes (figures, benchmarks, the sweep runner, the
-#: command line, TIDE analysis of finished detections): editing them keeps the run cache.
-NOT_IN_KEY = ("viz.py", "bench.py", "sweep.py", "__main__.py", "tide.py")
+#: Modules that cannot change what a run computes (figures, explorers, benchmarks, the sweep
+#: runner and its cluster submission, the command line, TIDE analysis of finished detections,
+#: the book's status page): editing them keeps the run cache.
+NOT_IN_KEY = (
+    "viz.py", "explore.py", "bench.py", "sweep.py", "cluster.py", "__main__.py", "tide.py",
+    "status.py",
+)  # fmt: skip
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    """Remove the docstring of the module and of every class and function in ``tree``."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):  # fmt: skip
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+@lru_cache(maxsize=256)
+def _code_digest(path: str, mtime_ns: int, size: int) -> str:
+    """What a module computes, as a hash: its syntax tree without docstrings, so comments,
+    docstrings and formatting can be edited without invalidating the run cache."""
+    tree = _strip_docstrings(ast.parse(Path(path).read_bytes(), filename=path))
+    return hashlib.sha1(ast.dump(tree, include_attributes=False).encode()).hexdigest()
 
 
 def source_key(*parts) -> str:
     """A short hash of ``parts`` (json-serialisable) and of every library module that takes part
     in training and evaluation (all but :data:`NOT_IN_KEY`), so that a cached result is redone
-    whenever the code that made it changes."""
+    whenever the code that made it changes. Modules count by their code, not their text:
+    comments, docstrings and formatting are not part of the key."""
     digest = hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode())
     for module in sorted(Path(__file__).parent.glob("*.py")):
         if module.name not in NOT_IN_KEY:
-            digest.update(module.read_bytes())
+            stat = module.stat()
+            digest.update(module.name.encode())
+            digest.update(_code_digest(str(module), stat.st_mtime_ns, stat.st_size).encode())
     return digest.hexdigest()[:10]
 
 

@@ -368,3 +368,32 @@ def test_command_line_refuses_ambiguous_requests(finished, in_data_root, capsys)
     assert engine.load_run(finished.path, finished.experiment) is not None  # untouched
     assert main(["train", "--resume", run_dir, "--no-progress"]) == 0  # its own settings
     assert f"reused the complete run in {run_dir}" in capsys.readouterr().out
+
+
+def test_the_run_key_follows_code_not_comments_docstrings_or_formatting(tmp_path):
+    def digest(text: str) -> str:
+        module = tmp_path / "module.py"
+        module.write_text(text)
+        stat = module.stat()
+        return engine._code_digest(str(module), stat.st_mtime_ns, stat.st_size)
+
+    code = '"""Module."""\n\n\ndef f(x):\n    """Double."""\n    return 2 * x  # twice\n'
+    reworded = (
+        '"""Another text."""\n\n\ndef f(x):\n    """Two times x."""\n'
+        "    return (2\n            * x)\n"
+    )
+    changed = '"""Module."""\n\n\ndef f(x):\n    """Double."""\n    return 3 * x  # twice\n'
+    class_only_doc = 'class A:\n    """Only a docstring."""\n'
+    assert digest(code) == digest(reworded)
+    assert digest(code) != digest(changed)
+    assert digest(class_only_doc) == digest("class A:\n    pass\n")
+    # the library's key covers the modules that train and evaluate, not the figures
+    assert "viz.py" in engine.NOT_IN_KEY and "engine.py" not in engine.NOT_IN_KEY
+
+
+def test_log_lines_name_runs_by_the_data_root_not_the_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLAD_DATA", str(tmp_path))
+    run = tmp_path / "runs" / "paa-tiny-quick-0123456789"
+    assert engine.shown_path(run) == "$COLAD_DATA/runs/paa-tiny-quick-0123456789"
+    assert str(tmp_path) not in engine.shown_path(run)
+    assert engine.shown_path(Path("/elsewhere/run")) == "/elsewhere/run"
