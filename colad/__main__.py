@@ -276,6 +276,14 @@ def _cmd_bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+WEIGHTS_HELP = (
+    "the backbones' initial weights: none (random), imagenet (downloaded once into "
+    "$TORCH_HOME/hub/checkpoints; offline, place the file there) or the path of a state-dict "
+    "file (default: the profile's, imagenet in full); pretrained networks have their "
+    "published width"
+)
+
+
 TRAIN_HELP = """\
 Train and evaluate a named experiment, or load its results when a complete run with the same
 settings and library source exists: runs live in <data root>/runs/<name>-<key>/ (config.json,
@@ -309,6 +317,7 @@ def _train_experiment(args: argparse.Namespace):
     if isinstance(args.resume, str):
         overrides = [
             "backbone",
+            "weights",
             "epochs",
             "max_steps",
             "batch_size",
@@ -330,7 +339,7 @@ def _train_experiment(args: argparse.Namespace):
         if not saved.is_file():
             raise ValueError(f"--resume {args.resume}: no config.json there; not a run directory")
         return Experiment.from_dict(json.loads(saved.read_text())["experiment"])
-    options = {"backbone": args.backbone} if args.backbone else {}
+    options = {k: v for k, v in (("backbone", args.backbone), ("weights", args.weights)) if v}
     if args.teacher:
         _check_teacher_option(args.experiment, args.profile)
         options["teacher"] = args.teacher
@@ -467,7 +476,7 @@ def _check_teacher_option(name: str, profile: str | None) -> None:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from . import sweep
 
-    options = {k: v for k, v in (("backbone", args.backbone),) if v}
+    options = {k: v for k, v in (("backbone", args.backbone), ("weights", args.weights)) if v}
     if args.teacher:
         for name in args.experiments:
             _check_teacher_option(name, args.profile)
@@ -509,6 +518,7 @@ def _add_train_parser(commands) -> None:
         help="settings and data (default: $COLAD_PROFILE, else quick)",
     )
     train.add_argument("--backbone", default=None, help="e.g. resnet18, resnet50, efficientnet_b0")
+    train.add_argument("--weights", default=None, metavar="none|imagenet|FILE", help=WEIGHTS_HELP)
     train.add_argument(
         "--teacher",
         default=None,
@@ -619,6 +629,7 @@ def _add_sweep_parser(commands) -> None:
         help="runs at once, each in its own process with cores/jobs threads",
     )
     sweep.add_argument("--backbone", default=None, help="override every experiment's backbone")
+    sweep.add_argument("--weights", default=None, metavar="none|imagenet|FILE", help=WEIGHTS_HELP)
     sweep.add_argument(
         "--teacher",
         default=None,
@@ -797,13 +808,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    from .backbone import WeightsUnavailable
     from .data import DatasetError
     from .engine import CheckpointError, TrainingDiverged
 
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)
-    except (DatasetError, ValueError, CheckpointError) as e:
+    except (DatasetError, ValueError, CheckpointError, WeightsUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

@@ -8,9 +8,12 @@ and first stages, BatchNorm in eval mode): see :meth:`Backbone.freeze`.
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
+import torch
 import torchvision
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -29,6 +32,129 @@ __all__ = [
 
 #: Names accepted by :func:`build_backbone`.
 BACKBONES = ("resnet18", "resnet50", "resnet101", "efficientnet_b0", "repvgg_a0", "tiny")
+#: ``weights`` besides a file path: random initialisation, or ImageNet's (downloaded once).
+WEIGHT_SOURCES = ("none", "imagenet")
+# torchvision's ImageNet weights of each classifier (the ones the paper's backbones start from).
+_IMAGENET = {
+    "resnet18": ("ResNet18_Weights", "IMAGENET1K_V1"),
+    "resnet50": ("ResNet50_Weights", "IMAGENET1K_V1"),
+    "resnet101": ("ResNet101_Weights", "IMAGENET1K_V1"),
+    "efficientnet_b0": ("EfficientNet_B0_Weights", "IMAGENET1K_V1"),
+}
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights could not be downloaded or read; the message says where they are
+    looked for and how to provide them offline."""
+
+
+def check_weights(weights: str) -> str:
+    """``weights`` if it is ``"none"``, ``"imagenet"`` or a plausible file path, else ValueError.
+    (Whether the file exists is checked when the backbone is built: it may live only on the
+    machine that trains.)"""
+    if not isinstance(weights, str) or not weights.strip():
+        raise ValueError(f"backbone weights must be 'none', 'imagenet' or a file path; got "
+                         f"{weights!r}")  # fmt: skip
+    return weights
+
+
+def _read_state_dict(path: Path, name: str) -> dict:
+    """A classifier's state dict from a file: a plain state dict, or one under a ``state_dict``
+    or ``model`` key (how training scripts often save them); safetensors files too."""
+    if not path.is_file():
+        raise WeightsUnavailable(
+            f"backbone weights {str(path)!r} for {name}: no such file (--weights takes 'imagenet', "
+            "'none' or the path of a state-dict file)"
+        )
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises several types for a file it cannot read
+        raise WeightsUnavailable(f"backbone weights {str(path)!r}: cannot be read ({e})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsUnavailable(f"backbone weights {str(path)!r}: not a state dict of tensors")
+    return state
+
+
+def _load_file(model: nn.Module, path: Path, name: str) -> None:
+    """Load a classifier's weights from ``path`` into ``model``, strictly: every tensor of the
+    network must be in the file with its shape."""
+    state = _read_state_dict(path, name)
+    own = model.state_dict()
+    # The classifier's last layer is dropped by the backbone: it may be absent or of any size.
+    needed = [k for k in own if not k.startswith(("fc.", "classifier.", "head."))]
+    missing = [k for k in needed if k not in state]
+    wrong = [f"{k} {tuple(state[k].shape)} (needs {tuple(own[k].shape)})"
+             for k in needed if k in state and state[k].shape != own[k].shape]  # fmt: skip
+    if missing or wrong:
+        problems = []
+        if missing:
+            more = " ..." if len(missing) > 5 else ""
+            problems.append(f"{len(missing)} missing ({', '.join(missing[:5])}{more})")
+        if wrong:
+            problems.append("wrong shape: " + ", ".join(wrong[:3]))
+        raise WeightsUnavailable(
+            f"backbone weights {str(path)!r} do not fit {name}: " + "; ".join(problems)
+        )
+    model.load_state_dict({k: state[k] for k in needed}, strict=False)
+
+
+def _unavailable(name: str, url: str, cache: Path, error: Exception, library: str) -> str:
+    home = os.environ.get("TORCH_HOME")
+    where = f"TORCH_HOME={home}" if home else "TORCH_HOME is not set: the default ~/.cache/torch"
+    return (
+        f"could not get the ImageNet weights of {name} ({type(error).__name__}: {error}). "
+        f"{library} downloads them once from {url} and keeps them as {cache} ({where}; the "
+        "folder is $TORCH_HOME/hub/checkpoints). On a machine without internet, download that "
+        "file elsewhere and copy it to that path (or set TORCH_HOME to a folder whose "
+        f"hub/checkpoints holds it), or pass --weights PATH to the file, or --weights none to "
+        "start from random weights."
+    )
+
+
+def _torchvision_imagenet(name: str) -> nn.Module:
+    enum_name, member = _IMAGENET[name]
+    weights = getattr(getattr(torchvision.models, enum_name), member)
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        return getattr(torchvision.models, name)(weights=weights)
+    except (OSError, RuntimeError) as e:  # no network (URLError), a truncated or corrupt file
+        raise WeightsUnavailable(_unavailable(name, weights.url, cache, e, "torchvision")) from e
+
+
+def _timm_repvgg(weights: str, **kwargs) -> nn.Module:
+    import timm  # slow to import, and only this backbone needs it
+
+    if weights == "none":
+        return timm.create_model("repvgg_a0", pretrained=False, **kwargs)
+    if weights != "imagenet":
+        path = Path(weights).expanduser()
+        _read_state_dict(path, "repvgg_a0")  # a clear error for a missing or unreadable file
+        return timm.create_model("repvgg_a0", pretrained=True,
+                                 pretrained_cfg_overlay={"file": str(path)}, **kwargs)  # fmt: skip
+    try:
+        return timm.create_model("repvgg_a0", pretrained=True, **kwargs)
+    except Exception as e:  # huggingface_hub's and urllib's errors have no common base
+        from huggingface_hub import constants
+
+        raise WeightsUnavailable(
+            f"could not get the ImageNet weights of repvgg_a0 ({type(e).__name__}: {e}). timm "
+            "downloads them once from the Hugging Face Hub (timm/repvgg_a0.rvgg_in1k) into "
+            f"{constants.HF_HUB_CACHE} (set by HF_HOME or HF_HUB_CACHE). On a machine without "
+            "internet, copy that cache folder from a machine that has the model and set "
+            "HF_HUB_OFFLINE=1, or download model.safetensors from "
+            "https://huggingface.co/timm/repvgg_a0.rvgg_in1k and pass --weights PATH, or "
+            "--weights none to start from random weights."
+        ) from e
+
+
 # The largest ``frozen_stages`` of each backbone (its stages after the stem).
 _NUM_STAGES = dict(resnet18=4, resnet50=4, resnet101=4, efficientnet_b0=7, repvgg_a0=4, tiny=4)
 
@@ -243,7 +369,7 @@ class _Tiny(Backbone):
 def build_backbone(
     name: str,
     *,
-    pretrained: bool = False,
+    weights: str = "none",
     frozen_stages: int = 1,
     norm_eval: bool = True,
     widths: tuple[int, ...] = (32, 64, 128, 256),
@@ -251,7 +377,7 @@ def build_backbone(
 ) -> Backbone:
     """Build a backbone returning ``[C3, C4, C5]`` at strides 8, 16, 32.
 
-    Freezing applies only with ``pretrained=True``: ``frozen_stages=k`` freezes the stem and
+    Freezing applies only to pretrained weights: ``frozen_stages=k`` freezes the stem and
     stages ``1..k`` (ResNet: conv1+bn1 and layer1..layerk, k <= 4; EfficientNet-B0: ``features[0]``
     and ``features[1..k]``, k <= 7; RepVGG-A0: stem and ``stages_0..stages_{k-1}``, k <= 4) and
     ``norm_eval`` keeps every BatchNorm in eval mode. With random initialisation nothing is frozen
@@ -260,10 +386,12 @@ def build_backbone(
 
     Args:
         name: one of :data:`BACKBONES`.
-        pretrained: load ImageNet weights (torchvision ``IMAGENET1K_V1``; timm's default for
-            repvgg_a0); downloads them on first use.
+        weights: ``"none"`` (random initialisation), ``"imagenet"`` (torchvision's
+            ``IMAGENET1K_V1``, timm's default for repvgg_a0; downloaded on first use into
+            ``$TORCH_HOME`` or the Hugging Face cache) or the path of a classifier's state-dict
+            file (a ``.pth``/``.pt``, or ``.safetensors``; the classifier layer may be missing).
         frozen_stages: stages frozen after the stem (0 = none); see above.
-        norm_eval: keep BatchNorm in eval mode (with ``pretrained=True``).
+        norm_eval: keep BatchNorm in eval mode (with pretrained weights).
         widths: channels of tiny's four stages (strides 4, 8, 16, 32); checked for every name.
         width_mult: scales the channels of every other backbone (same blocks and depths; 1 is
             the published network). Scaled networks have no pretrained weights: they are the
@@ -275,7 +403,10 @@ def build_backbone(
         96/192/1280, tiny ``widths[1:]``.
 
     Raises:
-        ValueError: unknown name, bad ``widths`` or ``frozen_stages``, or "tiny" pretrained.
+        ValueError: unknown name, bad ``widths``, ``frozen_stages`` or ``weights``, or "tiny"
+            pretrained.
+        WeightsUnavailable: the weights cannot be downloaded (offline: the message says where
+            to place the file) or the file is missing, unreadable or does not fit.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
@@ -286,8 +417,9 @@ def build_backbone(
     num = _NUM_STAGES[name]
     if type(frozen_stages) is not int or not 0 <= frozen_stages <= num:
         raise ValueError(f"frozen_stages must be in 0..{num} for {name}, got {frozen_stages!r}")
+    pretrained = check_weights(weights) != "none"
     if pretrained and name == "tiny":
-        raise ValueError('backbone "tiny" has no pretrained weights; use pretrained=False')
+        raise ValueError('backbone "tiny" has no pretrained weights; use weights="none"')
     if not (isinstance(width_mult, int | float) and 0 < width_mult <= 1):
         raise ValueError(f"width_mult must be in (0, 1], got {width_mult!r}")
     if width_mult != 1 and (pretrained or name == "tiny"):
@@ -296,22 +428,20 @@ def build_backbone(
             'than "tiny" (pretrained weights exist only at width 1; tiny has widths)'
         )
     models = torchvision.models
-    if name.startswith("resnet") and pretrained:
-        weights = getattr(models, f"ResNet{name[6:]}_Weights").IMAGENET1K_V1
-        model: Backbone = _ResNet(getattr(models, name)(weights=weights))
-    elif name.startswith("resnet"):
-        model = _ResNet(_scaled_resnet(name, width_mult))
-    elif name == "efficientnet_b0" and pretrained:
-        weights = models.EfficientNet_B0_Weights.IMAGENET1K_V1
-        model = _EfficientNet(models.efficientnet_b0(weights=weights))
+    classifier = None
+    if name in _IMAGENET and weights == "imagenet":
+        classifier = _torchvision_imagenet(name)
+    elif name in _IMAGENET and pretrained:
+        classifier = getattr(models, name)(weights=None)
+        _load_file(classifier, Path(weights).expanduser(), name)
+    if name.startswith("resnet"):
+        model: Backbone = _ResNet(classifier or _scaled_resnet(name, width_mult))
     elif name == "efficientnet_b0":
-        model = _EfficientNet(_scaled_efficientnet(width_mult))
+        model = _EfficientNet(classifier or _scaled_efficientnet(width_mult))
     elif name == "repvgg_a0":
         kwargs = dict(features_only=True, out_indices=(2, 3, 4))
         if pretrained or width_mult == 1:
-            import timm  # slow to import, and only this backbone needs it
-
-            model = _RepVGG(timm.create_model(name, pretrained=pretrained, **kwargs))
+            model = _RepVGG(_timm_repvgg(weights, **kwargs))
         else:
             model = _RepVGG(_scaled_repvgg(width_mult, **kwargs))
     else:
@@ -415,7 +545,7 @@ class BackboneWithFPN(nn.Module):
 def build_feature_extractor(
     *,
     backbone: str,
-    pretrained: bool = False,
+    weights: str = "none",
     frozen_stages: int = 1,
     norm_eval: bool = True,
     widths: tuple[int, ...] = (32, 64, 128, 256),
@@ -428,6 +558,6 @@ def build_feature_extractor(
     Raises:
         ValueError: as :func:`build_backbone` and :class:`FPN`.
     """
-    kwargs = dict(pretrained=pretrained, frozen_stages=frozen_stages, norm_eval=norm_eval)
+    kwargs = dict(weights=weights, frozen_stages=frozen_stages, norm_eval=norm_eval)
     net = build_backbone(backbone, widths=widths, width_mult=width_mult, **kwargs)
     return BackboneWithFPN(net, FPN(net.out_channels, fpn_channels, num_levels))

@@ -135,7 +135,9 @@ class ModelConfig(_JsonConfig):
     Attributes:
         num_classes: ``C`` (80 on COCO).
         backbone: a name in :data:`colad.backbone.BACKBONES`.
-        pretrained: load ImageNet weights (downloads; GPU servers only).
+        weights: the backbone's initial weights: ``"none"`` (random), ``"imagenet"``
+            (downloaded once into ``$TORCH_HOME``; GPU servers) or a state-dict file's path
+            (:func:`colad.backbone.build_backbone`).
         frozen_stages, norm_eval: backbone freezing (applies to pretrained weights only).
         widths: channels of the ``tiny`` backbone's four stages.
         width_mult: scales every other backbone's channels (1: the published network; below 1:
@@ -162,7 +164,7 @@ class ModelConfig(_JsonConfig):
 
     num_classes: int = 80
     backbone: str = "resnet50"
-    pretrained: bool = False
+    weights: str = "none"
     frozen_stages: int = 1
     norm_eval: bool = True
     widths: tuple[int, int, int, int] = (32, 64, 128, 256)
@@ -190,7 +192,19 @@ class ModelConfig(_JsonConfig):
     qfl_beta: float = 2.0
     dfl_weight: float = 0.25
 
+    @classmethod
+    def from_dict(cls, data: dict):
+        # Runs saved before ``weights`` existed have ``pretrained: bool``.
+        if isinstance(data, dict) and "pretrained" in data and "weights" not in data:
+            pretrained = bool(data["pretrained"])
+            data = {k: v for k, v in data.items() if k != "pretrained"}
+            data["weights"] = "imagenet" if pretrained else "none"
+        return super().from_dict(data)
+
     def __post_init__(self) -> None:
+        if not isinstance(self.weights, str) or not self.weights.strip():
+            raise ValueError(f"ModelConfig.weights={self.weights!r}: 'none', 'imagenet' or the "
+                             "path of a state-dict file")  # fmt: skip
         if self.head not in HEADS:
             raise ValueError(f"ModelConfig.head={self.head!r}; choose one of {', '.join(HEADS)}")
         if self.iou_branch not in IOU_BRANCHES:
@@ -224,7 +238,7 @@ def model_preset(profile: str, num_classes: int) -> ModelConfig:
     * ``smoke``: the same, narrower, for tests.
     """
     if profile == "full":
-        return ModelConfig(num_classes=num_classes, backbone="resnet50", pretrained=True)
+        return ModelConfig(num_classes=num_classes, backbone="resnet50", weights="imagenet")
     if profile == "quick":
         return ModelConfig(
             num_classes=num_classes, backbone="tiny", widths=(32, 64, 128, 256),
@@ -708,8 +722,16 @@ EXPERIMENTS = {
 }
 
 
-def experiment(name: str, profile: str | None = None, **options) -> Experiment:
+def experiment(
+    name: str, profile: str | None = None, *, weights: str | None = None, **options
+) -> Experiment:
     """Build the named experiment for a profile (default: ``$COLAD_PROFILE``).
+
+    ``weights`` replaces the initial backbone weights of every network the experiment trains
+    (both of CoLAD's; a teacher keeps its own run's): ``"none"``, ``"imagenet"`` or a file.
+    Pretrained weights exist only for the published networks, so a backbone that the profile
+    narrows (``width_mult < 1``) gets its full width with them. Other ``options``
+    (``backbone``, ``teacher``) go to the experiment's builder.
 
     Example:
         >>> experiment("paa", "smoke").model.backbone
@@ -720,4 +742,15 @@ def experiment(name: str, profile: str | None = None, **options) -> Experiment:
     profile = profile or profile_from_env()
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    return EXPERIMENTS[name](profile, **options)
+    built = EXPERIMENTS[name](profile, **options)
+    if weights is None:
+        return built
+
+    def initialised(model: ModelConfig) -> ModelConfig:
+        width_mult = model.width_mult if weights == "none" else 1.0
+        return dataclasses.replace(model, weights=weights, width_mult=width_mult)
+
+    distill = built.distill
+    if distill.network2 is not None:
+        distill = dataclasses.replace(distill, network2=initialised(distill.network2))
+    return dataclasses.replace(built, model=initialised(built.model), distill=distill)

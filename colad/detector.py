@@ -86,7 +86,7 @@ class Detector(nn.Module):
         self.config = config
         self.features = build_feature_extractor(
             backbone=config.backbone,
-            pretrained=config.pretrained,
+            weights=config.weights,
             frozen_stages=config.frozen_stages,
             norm_eval=config.norm_eval,
             widths=config.widths,

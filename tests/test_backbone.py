@@ -156,7 +156,7 @@ def test_freeze_depth_and_undo_on_resnet18():
     ],
 )
 def test_pretrained_requests_imagenet_weights_and_freezes(monkeypatch, name, factory, weights):
-    """pretrained=True without a download: the torchvision factory is replaced by a stub."""
+    """weights="imagenet" without a download: the torchvision factory is replaced by a stub."""
     real, seen = getattr(torchvision.models, factory), []
 
     def stub(*, weights=None):
@@ -164,7 +164,7 @@ def test_pretrained_requests_imagenet_weights_and_freezes(monkeypatch, name, fac
         return real(weights=None)
 
     monkeypatch.setattr(torchvision.models, factory, stub)
-    model = build_backbone(name, pretrained=True, frozen_stages=1).train()
+    model = build_backbone(name, weights="imagenet", frozen_stages=1).train()
     assert seen == [weights]
     assert model.frozen_stages == 1 and model.norm_eval
     assert not any(m.training for m in model.modules() if isinstance(m, _BatchNorm))
@@ -182,11 +182,93 @@ def test_pretrained_repvgg_asks_timm_for_weights(monkeypatch):
         return real(name, pretrained=False, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", stub)
-    model = build_backbone("repvgg_a0", pretrained=True, frozen_stages=2, norm_eval=False)
+    model = build_backbone("repvgg_a0", weights="imagenet", frozen_stages=2, norm_eval=False)
     assert seen == [("repvgg_a0", True, {"features_only": True, "out_indices": (2, 3, 4)})]
     assert not any(p.requires_grad for p in model.body.stages_1.parameters())
     assert all(p.requires_grad for p in model.body.stages_2.parameters())
     assert model.train().body.stages_2.training
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """The network is unreachable: every name lookup and connection fails as it does offline."""
+    import socket
+
+    def unreachable(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+
+
+def test_imagenet_weights_offline_say_where_to_place_the_file(no_network, tmp_path, monkeypatch):
+    from colad.backbone import WeightsUnavailable
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(WeightsUnavailable) as caught:
+        build_backbone("resnet18", weights="imagenet")
+    message = str(caught.value)
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert str(expected) in message and "TORCH_HOME" in message
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert "--weights" in message and "unreachable" in message
+    # ... and once the file is where the message says, the same call works offline
+    expected.parent.mkdir(parents=True, exist_ok=True)
+    placed = torchvision.models.resnet18(weights=None)
+    torch.save(placed.state_dict(), expected)
+    model = build_backbone("resnet18", weights="imagenet")
+    assert torch.equal(model.conv1.weight, placed.conv1.weight)
+
+
+def test_the_command_line_reports_offline_weights_without_a_traceback(
+    no_network, tmp_path, monkeypatch, capsys
+):
+    from colad.__main__ import main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("COLAD_DATA", str(tmp_path / "data"))
+    status = main(["train", "paa", "--profile", "smoke", "--backbone", "resnet18",
+                   "--weights", "imagenet", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2
+    last = err.strip().splitlines()[-1]  # after the generated data's progress bar
+    assert last.startswith("error: could not get the ImageNet weights of resnet18")
+    assert "Traceback" not in err and "hub/checkpoints" in err
+
+
+def test_weights_from_a_file_are_loaded_strictly(tmp_path):
+    from colad.backbone import WeightsUnavailable
+
+    source = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save({"state_dict": source.state_dict()}, path)  # a training script's wrapper
+    model = build_backbone("resnet18", weights=str(path))
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert torch.equal(model.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+    # a classifier without its last layer is fine; another network's weights are not
+    head_less = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    torch.save(head_less, path)
+    build_backbone("resnet18", weights=str(path))
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    with pytest.raises(
+        WeightsUnavailable, match=r"do not fit resnet18: wrong shape: layer1\.0\.conv1"
+    ):
+        build_backbone("resnet18", weights=str(path))
+    with pytest.raises(WeightsUnavailable, match="no such file"):
+        build_backbone("resnet18", weights=str(tmp_path / "absent.pth"))
+    path.write_text("not a checkpoint")
+    with pytest.raises(WeightsUnavailable, match="cannot be read"):
+        build_backbone("resnet18", weights=str(path))
+
+
+def test_configs_saved_with_pretrained_still_load():
+    from colad.config import ModelConfig
+
+    assert ModelConfig.from_dict({"pretrained": True}).weights == "imagenet"
+    assert ModelConfig.from_dict({"pretrained": False}).weights == "none"
+    with pytest.raises(ValueError, match="ModelConfig.weights"):
+        ModelConfig(weights="")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,7 +379,7 @@ def test_bad_frozen_stages(name, frozen_stages):
 
 def test_tiny_has_no_pretrained_weights():
     with pytest.raises(ValueError, match="no pretrained weights"):
-        build_backbone("tiny", pretrained=True)
+        build_backbone("tiny", weights="imagenet")
 
 
 def test_bad_fpn_arguments():

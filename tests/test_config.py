@@ -82,3 +82,18 @@ def test_experiment_options_and_errors():
         ModelConfig.from_dict([1, 2])
     with pytest.raises(ValueError, match="lr=0"):
         TrainConfig(lr=0)
+
+
+def test_the_weights_option_reaches_every_network_a_run_trains():
+    from colad import config
+
+    colad = config.experiment("colad", "quick", weights="/models/r18.pth")
+    assert colad.model.weights == colad.distill.network2.weights == "/models/r18.pth"
+    assert config.experiment("colad", "quick").model.weights == "none"
+    narrowed = config.experiment("paa-small", "quick", backbone="resnet18")
+    assert narrowed.model.width_mult < 1
+    pretrained = config.experiment("paa-small", "quick", backbone="resnet18", weights="imagenet")
+    assert pretrained.model.width_mult == 1 and pretrained.model.weights == "imagenet"
+    assert config.experiment("paa", "full").model.weights == "imagenet"
+    lad = config.experiment("lad", "quick", weights="none")
+    assert lad.distill.teacher == config.experiment("lad", "quick").distill.teacher

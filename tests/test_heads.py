@@ -248,7 +248,7 @@ def test_scaled_backbones_keep_their_strides_and_narrow_their_channels(name, mul
     assert [o.shape[1] for o in outputs] == channels
     assert [tuple(o.shape[-2:]) for o in outputs] == [(8, 12), (4, 6), (2, 3)]
     with pytest.raises(ValueError, match="pretrained weights exist only at width 1"):
-        build_backbone(name, width_mult=mult, pretrained=True)
+        build_backbone(name, width_mult=mult, weights="imagenet")
     with pytest.raises(ValueError, match=r"width_mult must be in \(0, 1\]"):
         build_backbone(name, width_mult=0)
 
