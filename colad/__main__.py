@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -94,29 +95,49 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
+def _check_dataset(ann_file: Path, images: Path | None, read_images: bool = False) -> None:
+    """``data check``: read and check an annotation file (and its images), print what it holds
+    and every repair; raises :class:`colad.data.DatasetError` on what cannot be repaired."""
     from .data import CocoDetection, DatasetWarning, index_coco, read_coco_json
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DatasetWarning)
-        if args.images is not None:
-            dataset = CocoDetection(args.ann_file, args.images)
+        if images is not None:
+            dataset = CocoDetection(ann_file, images)
             index = dataset.index
-            if args.read_images:
+            if read_images:
                 for i in range(len(dataset)):
                     dataset.read_image(i)
         else:
-            index = index_coco(read_coco_json(args.ann_file), args.ann_file)
+            index = index_coco(read_coco_json(ann_file), ann_file)
     for w in caught:
         print(f"warning: {w.message}")
     num_boxes = sum(len(b) for b in index.boxes)
     empty = sum(1 for b in index.boxes if len(b) == 0)
     print(
-        f"{args.ann_file}: {len(index.images)} images ({empty} without objects), "
+        f"{ann_file}: {len(index.images)} images ({empty} without objects), "
         f"{num_boxes} usable boxes, {index.num_classes} categories; "
         f"crowd annotations dropped: {index.repairs['crowd']}"
     )
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    _check_dataset(args.ann_file, args.images, args.read_images)
     return 0
+
+
+def _dataset_option(args: argparse.Namespace) -> dict[str, str] | None:
+    """Your own dataset from --train-ann, --train-images, --val-ann, --val-images, checked as
+    ``data check`` checks it (on the first process only), or ``None``."""
+    files = {name: getattr(args, name) for name in config.DATASET_FIELDS}
+    if not any(files.values()):
+        return None
+    # all four or none: DataConfig says which are missing
+    config.DataConfig(**{name: str(value or "") for name, value in files.items()})
+    if os.environ.get("RANK", "0") == "0":
+        for split in ("train", "val"):
+            _check_dataset(Path(files[f"{split}_ann"]), Path(files[f"{split}_images"]))
+    return {name: str(value) for name, value in files.items()}
 
 
 def _bench_devices(args: argparse.Namespace) -> list[str]:
@@ -284,6 +305,18 @@ WEIGHTS_HELP = (
 )
 
 
+def _add_dataset_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "your own dataset",
+        "train and evaluate on any COCO-format dataset (all four options): the files are "
+        "checked as `data check` does, and the classes are the training file's categories",
+    )
+    group.add_argument("--train-ann", type=Path, help="the training annotation json")
+    group.add_argument("--train-images", type=Path, help="the folder its file_name fields are in")
+    group.add_argument("--val-ann", type=Path, help="the validation annotation json")
+    group.add_argument("--val-images", type=Path, help="the validation image folder")
+
+
 TRAIN_HELP = """\
 Train and evaluate a named experiment, or load its results when a complete run with the same
 settings and library source exists: runs live in <data root>/runs/<name>-<key>/ (config.json,
@@ -318,6 +351,7 @@ def _train_experiment(args: argparse.Namespace):
         overrides = [
             "backbone",
             "weights",
+            *config.DATASET_FIELDS,
             "epochs",
             "max_steps",
             "batch_size",
@@ -340,6 +374,9 @@ def _train_experiment(args: argparse.Namespace):
             raise ValueError(f"--resume {args.resume}: no config.json there; not a run directory")
         return Experiment.from_dict(json.loads(saved.read_text())["experiment"])
     options = {k: v for k, v in (("backbone", args.backbone), ("weights", args.weights)) if v}
+    dataset = _dataset_option(args)
+    if dataset:
+        options["dataset"] = dataset
     if args.teacher:
         _check_teacher_option(args.experiment, args.profile)
         options["teacher"] = args.teacher
@@ -477,6 +514,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from . import sweep
 
     options = {k: v for k, v in (("backbone", args.backbone), ("weights", args.weights)) if v}
+    dataset = _dataset_option(args)
+    if dataset:
+        options["dataset"] = dataset
     if args.teacher:
         for name in args.experiments:
             _check_teacher_option(name, args.profile)
@@ -519,6 +559,7 @@ def _add_train_parser(commands) -> None:
     )
     train.add_argument("--backbone", default=None, help="e.g. resnet18, resnet50, efficientnet_b0")
     train.add_argument("--weights", default=None, metavar="none|imagenet|FILE", help=WEIGHTS_HELP)
+    _add_dataset_options(train)
     train.add_argument(
         "--teacher",
         default=None,
@@ -630,6 +671,7 @@ def _add_sweep_parser(commands) -> None:
     )
     sweep.add_argument("--backbone", default=None, help="override every experiment's backbone")
     sweep.add_argument("--weights", default=None, metavar="none|imagenet|FILE", help=WEIGHTS_HELP)
+    _add_dataset_options(sweep)
     sweep.add_argument(
         "--teacher",
         default=None,

@@ -252,6 +252,10 @@ def model_preset(profile: str, num_classes: int) -> ModelConfig:
     raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
 
 
+#: The :class:`DataConfig` fields naming your own dataset (command line: ``--train-ann`` ...).
+DATASET_FIELDS = ("train_ann", "train_images", "val_ann", "val_images")
+
+
 @dataclass(frozen=True)
 class DataConfig(_JsonConfig):
     """Which data and how it is fed.
@@ -265,6 +269,10 @@ class DataConfig(_JsonConfig):
         train_min_sizes: multi-scale training: ``(low, high)`` draws each training image's short
             side uniformly from ``low..high`` (mmdetection's "range" mode, ``(480, 800)`` in the
             ``ms-2x`` recipes); empty: always ``min_size``. Evaluation uses ``min_size``.
+        train_ann, train_images, val_ann, val_images: your own COCO-format dataset instead of
+            the profile's (all four, or none): annotation files and the image folders their
+            ``file_name`` fields are relative to. Set them with :func:`on_dataset`, which also
+            takes the number of classes from the file.
     """
 
     profile: str = "full"
@@ -273,8 +281,28 @@ class DataConfig(_JsonConfig):
     hflip: float = 0.5
     num_workers: int = 2
     train_min_sizes: tuple[int, ...] = ()
+    train_ann: str = ""
+    train_images: str = ""
+    val_ann: str = ""
+    val_images: str = ""
+
+    @property
+    def files(self) -> dict[str, str]:
+        """The own-dataset fields, by name."""
+        return {name: getattr(self, name) for name in DATASET_FIELDS}
+
+    @property
+    def custom(self) -> bool:
+        """Whether the run uses your own dataset rather than the profile's."""
+        return any(self.files.values())
 
     def __post_init__(self) -> None:
+        given = [name for name, value in self.files.items() if value]
+        if given and len(given) != len(DATASET_FIELDS):
+            missing = [n for n in DATASET_FIELDS if n not in given]
+            raise ValueError("your own dataset needs all of --train-ann, --train-images, "
+                             "--val-ann and --val-images; missing: "
+                             + ", ".join("--" + n.replace("_", "-") for n in missing))  # fmt: skip
         if self.profile not in PROFILES:
             raise ValueError(f"DataConfig.profile={self.profile!r}; choose one of {PROFILES}")
         if not 0 < self.min_size <= self.max_size:
@@ -722,16 +750,60 @@ EXPERIMENTS = {
 }
 
 
+def on_dataset(
+    experiment: Experiment, *, train_ann: str, train_images: str, val_ann: str, val_images: str
+) -> Experiment:
+    """``experiment`` on your own COCO-format dataset: its annotation files and image folders,
+    and the number of classes of its training file (every network the run trains).
+
+    Raises:
+        colad.data.DatasetError: a file is malformed (as ``data check`` says) or the two files
+            have different categories.
+    """
+    from .data import DatasetError, read_coco_json
+
+    files = {"train_ann": train_ann, "train_images": train_images,
+             "val_ann": val_ann, "val_images": val_images}  # fmt: skip
+    files = {k: str(Path(v).expanduser().resolve()) for k, v in files.items()}
+    categories = {}
+    for split in ("train", "val"):
+        path = Path(files[f"{split}_ann"])
+        if not path.is_file():
+            raise DatasetError(f"--{split}-ann {path}: no such annotation file")
+        categories[split] = [c["id"] for c in read_coco_json(path)["categories"]]
+    if categories["train"] != categories["val"]:
+        raise DatasetError(
+            f"{files['train_ann']} and {files['val_ann']} have different categories (ids "
+            f"{categories['train'][:10]} vs {categories['val'][:10]}); a model's classes are "
+            "its training file's, so the validation file needs the same ones, in the same order"
+        )
+    num_classes = len(categories["train"])
+    data = dataclasses.replace(experiment.data, **files)
+    distill = experiment.distill
+    if distill.network2 is not None:
+        network2 = dataclasses.replace(distill.network2, num_classes=num_classes)
+        distill = dataclasses.replace(distill, network2=network2)
+    model = dataclasses.replace(experiment.model, num_classes=num_classes)
+    return dataclasses.replace(experiment, data=data, model=model, distill=distill)
+
+
 def experiment(
-    name: str, profile: str | None = None, *, weights: str | None = None, **options
+    name: str,
+    profile: str | None = None,
+    *,
+    weights: str | None = None,
+    dataset: dict[str, str] | None = None,
+    **options,
 ) -> Experiment:
     """Build the named experiment for a profile (default: ``$COLAD_PROFILE``).
 
     ``weights`` replaces the initial backbone weights of every network the experiment trains
     (both of CoLAD's; a teacher keeps its own run's): ``"none"``, ``"imagenet"`` or a file.
     Pretrained weights exist only for the published networks, so a backbone that the profile
-    narrows (``width_mult < 1``) gets its full width with them. Other ``options``
-    (``backbone``, ``teacher``) go to the experiment's builder.
+    narrows (``width_mult < 1``) gets its full width with them. ``dataset`` (the keys of
+    :data:`DATASET_FIELDS`) trains and evaluates on your own COCO-format data
+    (:func:`on_dataset`). Other ``options`` (``backbone``, ``teacher``) go to the experiment's
+    builder.
 
     Example:
         >>> experiment("paa", "smoke").model.backbone
@@ -743,6 +815,8 @@ def experiment(
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     built = EXPERIMENTS[name](profile, **options)
+    if dataset:
+        built = on_dataset(built, **dataset)
     if weights is None:
         return built
 

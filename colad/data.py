@@ -48,6 +48,7 @@ __all__ = [
     "IMAGE_STD",
     "SplitPaths",
     "split_paths",
+    "dataset_paths",
 ]
 
 #: RGB normalisation of ALGORITHMS.md §1.4, on the 0-1 scale.
@@ -270,23 +271,45 @@ def split_paths(profile: str, split: str = "val") -> SplitPaths:
     """Return the data of ``profile``'s ``split``, generating the benchmark when needed.
 
     ``smoke`` and ``quick`` use their generated benchmark. ``full`` uses COCO 2017 under
-    :func:`colad.config.coco_root` when it is there; without it, the quick benchmark stands in
-    and ``source`` says so.
+    :func:`colad.config.coco_root`.
+
+    Raises:
+        DatasetError: ``full`` and COCO 2017 is not where it is expected (the message says
+            where, and how to point elsewhere or use your own data).
     """
     from . import config, synth
 
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}; choose 'train' or 'val'")
-    preset, note = profile, ""
     if profile == "full":
         coco = config.coco_root()
         ann_file = coco / "annotations" / f"instances_{split}2017.json"
-        if ann_file.is_file():
-            return SplitPaths(ann_file, coco / f"{split}2017", f"COCO 2017 {split}")
-        preset, note = "quick", f": no COCO 2017 at {ann_file}"
-    bench = synth.generate(synth.preset(preset))
-    source = f"generated benchmark ({preset}) {split}{note}"
+        if not ann_file.is_file():
+            raise DatasetError(
+                f"the full profile trains and evaluates on COCO 2017, expected at {coco} "
+                f"(no {ann_file}). Place it there as cocodataset.org ships it "
+                "(annotations/instances_{train,val}2017.json, train2017/, val2017/), or set "
+                "COLAD_DATA to the folder that holds coco/, or train on your own COCO-format "
+                "data with --train-ann, --train-images, --val-ann and --val-images."
+            )
+        return SplitPaths(ann_file, coco / f"{split}2017", f"COCO 2017 {split}")
+    bench = synth.generate(synth.preset(profile))
+    source = f"generated benchmark ({profile}) {split}"
     return SplitPaths(bench.ann_file(split), bench.image_dir(split), source)
+
+
+def dataset_paths(cfg, split: str = "val") -> SplitPaths:
+    """The ``split`` of a :class:`colad.config.DataConfig`: your own files when it names them,
+    else its profile's data (:func:`split_paths`)."""
+    if not cfg.custom:
+        return split_paths(cfg.profile, split)
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r}; choose 'train' or 'val'")
+    ann, images = Path(getattr(cfg, f"{split}_ann")), Path(getattr(cfg, f"{split}_images"))
+    for path, what, option in ((ann, "annotation file", "ann"), (images, "image folder", "images")):
+        if not (path.is_file() if option == "ann" else path.is_dir()):
+            raise DatasetError(f"--{split}-{option} {path}: no such {what}")
+    return SplitPaths(ann, images, f"{ann.name} ({split})")
 
 
 # ----------------------------------------------------------------------------------------------

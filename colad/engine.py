@@ -131,7 +131,7 @@ def build_datasets(experiment: Experiment) -> tuple[data.CocoDetection, data.Coc
     """The training set (with its augmentation, images without objects left out), the
     validation set and a line naming the data."""
     cfg = experiment.data
-    paths = {split: data.split_paths(cfg.profile, split) for split in ("train", "val")}
+    paths = {split: data.dataset_paths(cfg, split) for split in ("train", "val")}
     train_set = data.CocoDetection(
         paths["train"].ann_file,
         paths["train"].image_dir,
@@ -189,8 +189,11 @@ def _teacher_source(experiment: Experiment) -> Experiment | Path:
     """What ``distill.teacher`` names: a named experiment (its run in the same profile) or an
     existing run directory or checkpoint."""
     spec = experiment.distill.teacher
-    if spec in config.EXPERIMENTS:
-        return config.experiment(spec, experiment.data.profile)
+    if spec in config.EXPERIMENTS:  # trained on the student's data, own dataset included
+        teacher = config.experiment(spec, experiment.data.profile)
+        if experiment.data.custom:
+            teacher = config.on_dataset(teacher, **experiment.data.files)
+        return teacher
     path = Path(spec).expanduser()
     if not path.exists():
         raise ValueError(
@@ -719,11 +722,28 @@ def _plain(experiment: Experiment) -> dict:
     return json.loads(json.dumps(experiment.to_dict()))
 
 
+@lru_cache(maxsize=64)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def run_key(experiment: Experiment) -> str:
     """The cache key of a run: the experiment's settings, its teacher's key (a changed teacher
-    trains a new student) and the library's source."""
+    trains a new student), the library's source and, for your own dataset, the contents of its
+    annotation files (an edited file trains a new run; the images are not hashed)."""
+    parts = [experiment.to_dict()]
     teacher = teacher_key(experiment)
-    parts = (experiment.to_dict(),) if teacher is None else (experiment.to_dict(), teacher)
+    if teacher is not None:
+        parts.append(teacher)
+    if experiment.data.custom:
+        for split in ("train", "val"):
+            path = Path(getattr(experiment.data, f"{split}_ann"))
+            stat = path.stat()
+            parts.append(_file_digest(str(path), stat.st_mtime_ns, stat.st_size))
     return source_key(*parts)
 
 
