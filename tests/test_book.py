@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,11 @@ import pytest
 import yaml
 
 BOOK = Path(__file__).resolve().parent.parent / "book"
+# A script, stylesheet or image fetched from another host when a page loads.
+EXTERNAL_LOAD = re.compile(
+    r"<(?:script|img)\b[^>]*\bsrc=[\"']((?:https?:)?//[^\"']+)|"
+    r"<link\b[^>]*\bhref=[\"']((?:https?:)?//[^\"']+)"
+)
 
 
 def toc_files(toc: dict | list | None = None) -> list[str]:
@@ -69,6 +75,11 @@ def test_book_builds_in_smoke_profile(tmp_path):
         assert "Traceback (most recent call last)" not in text, f"a cell raised in {name}"
         if "viz." in (BOOK / f"{name}.md").read_text():
             assert "<img" in text, f"{name} draws figures but its page shows none"
+    # offline: MathJax is served with the book, and no page loads anything from another host
+    assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    for page in html.glob("*.html"):
+        external = EXTERNAL_LOAD.findall(page.read_text())
+        assert not external, f"{page.name} loads from other hosts: {external[:3]}"
     reports = html / "reports"
     assert not reports.exists() or not any(reports.iterdir()), "execution reports were written"
     # the chapters generated their data where COLAD_DATA pointed
