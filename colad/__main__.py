@@ -521,13 +521,52 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         for name in args.experiments:
             _check_teacher_option(name, args.profile)
         options["teacher"] = args.teacher
-    result = sweep.sweep(
-        args.experiments, args.seeds, profile=args.profile, jobs=args.jobs, **options
-    )
+    if "book" in args.experiments:
+        if len(args.experiments) > 1 or options or args.slurm:
+            raise ValueError(
+                "sweep book trains the book's own runs: give it no other names and no "
+                "--backbone, --weights, --teacher, dataset or --slurm options"
+            )
+        result = sweep.sweep_book(args.profile, jobs=args.jobs)
+    elif args.slurm:
+        return _submit_sweep(args, options)
+    else:
+        result = sweep.sweep(
+            args.experiments, args.seeds, profile=args.profile, jobs=args.jobs, **options
+        )
     summary = result.summary(args.metrics)
     columns = ["experiment", "network", "seeds", *args.metrics, "train s"]
     print(summary[columns].to_string(index=False))
     return 0
+
+
+def _submit_sweep(args: argparse.Namespace, options: dict) -> int:
+    from . import cluster, sweep
+
+    spec = cluster.JobSpec(
+        partition=args.slurm,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task,
+        hours=args.hours,
+        mem_gb=args.mem_gb,
+        folder=str(args.slurm_folder or ""),
+        device="cpu" if args.cpu else None,
+    )
+    runs = sweep.plan(args.experiments, args.seeds, profile=args.profile, **options)
+    submitted = cluster.submit(runs, spec)
+    if not submitted:
+        print("nothing to submit: every run is complete")
+    elif not args.wait:
+        print(
+            f"{len(submitted)} job(s) submitted; when they have finished, the same command "
+            "without --slurm prints the table (it reads the runs)"
+        )
+        return 0
+    for run in submitted:
+        run.job.result()  # raises with the job's error
+    args.slurm, args.jobs = None, 1
+    return _cmd_sweep(args)
 
 
 def _add_process_options(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -652,9 +691,11 @@ def _add_sweep_parser(commands) -> None:
     sweep.add_argument(
         "experiments",
         nargs="+",
-        choices=sorted(config.EXPERIMENTS),
+        choices=["book", *sorted(config.EXPERIMENTS)],
         metavar="NAME",
-        help="named experiments: " + ", ".join(config.EXPERIMENTS),
+        help="named experiments: " + ", ".join(config.EXPERIMENTS) + "; or book: every run "
+        "the book's chapters read in the profile (their own seeds and backbones), so that a "
+        "build only reads runs",
     )
     sweep.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     sweep.add_argument(
@@ -681,6 +722,21 @@ def _add_sweep_parser(commands) -> None:
     sweep.add_argument(
         "--metrics", nargs="+", default=["AP", "AP50"], help="COCO metrics to summarise"
     )
+    slurm = sweep.add_argument_group(
+        "SLURM",
+        "submit each run that is not complete as one multi-GPU job through submitit, "
+        "requeued and resumed when pre-empted (--slurm local: submitit's local executor, "
+        "processes on this machine)",
+    )
+    slurm.add_argument("--slurm", metavar="PARTITION", help="the partition to submit to")
+    slurm.add_argument("--nodes", type=int, default=1, help="nodes per run (default 1)")
+    slurm.add_argument("--gpus-per-node", type=int, default=8, help="GPUs and processes per node")
+    slurm.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per process")
+    slurm.add_argument("--hours", type=float, default=72.0, help="time limit of one job")
+    slurm.add_argument("--mem-gb", type=int, default=0, help="memory per node (0: default)")
+    slurm.add_argument("--slurm-folder", type=Path, help="job files and logs (data/slurm)")
+    slurm.add_argument("--wait", action="store_true", help="wait for the jobs, then summarise")
+    slurm.add_argument("--cpu", action="store_true", help="train on CPUs (gloo) in the jobs")
     sweep.set_defaults(run=_cmd_sweep)  # fmt: skip
 
 

@@ -185,7 +185,7 @@ def network_weights(weights: dict, experiment: Experiment, network: str | None =
 # Teachers
 
 
-def _teacher_source(experiment: Experiment) -> Experiment | Path:
+def teacher_source(experiment: Experiment) -> Experiment | Path:
     """What ``distill.teacher`` names: a named experiment (its run in the same profile) or an
     existing run directory or checkpoint."""
     spec = experiment.distill.teacher
@@ -214,7 +214,7 @@ def teacher_key(experiment: Experiment) -> str | None:
     checkpoint file's hash (``None`` without a teacher)."""
     if not experiment.distill.teacher:
         return None
-    source = _teacher_source(experiment)
+    source = teacher_source(experiment)
     if isinstance(source, Experiment):
         return run_key(source)
     if source.is_dir():
@@ -238,7 +238,7 @@ def load_teacher(experiment: Experiment, *, progress: bool = True) -> nn.Module:
         CheckpointError: the teacher's checkpoint is unreadable or does not fit its own
             architecture.
     """
-    source = _teacher_source(experiment)
+    source = teacher_source(experiment)
     if isinstance(source, Experiment):
         model, name = run(source, progress=progress).load_model(), source.name
     elif source.is_dir():

@@ -24,7 +24,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from colad import config, engine
 from colad.config import Experiment
 
-__all__ = ["plan", "Sweep", "sweep", "summarize", "beside_paper", "mean_std", "compare"]
+__all__ = [
+    "plan", "Sweep", "sweep", "book_plan", "sweep_book", "summarize", "beside_paper", "mean_std",
+    "compare",
+]  # fmt: skip
 
 
 def plan(
@@ -59,11 +62,11 @@ def plan(
         for seed in seeds:
             train = dataclasses.replace(base.train, seed=seed)
             students.append((name, seed, dataclasses.replace(base, train=train)))
-    if teachers:
+    if teachers:  # on the students' data (your own dataset included), as engine.run trains them
         for _, _, experiment in students:
             spec = experiment.distill.teacher
             if spec in config.EXPERIMENTS:
-                add(spec, 0, config.experiment(spec, profile))
+                add(spec, 0, engine.teacher_source(experiment))
     for name, seed, experiment in students:  # a "trained but not used" row's training first
         if (twin := config.training_twin(experiment)) is not None:
             add(name.replace("-noiou-infer", ""), seed, twin)
@@ -154,11 +157,17 @@ def sweep(
         :class:`Sweep`: rows for the requested experiments and seeds; ``results`` also holds
         the teachers trained on the way.
     """
+    names = list(names)
+    runs = plan(names, seeds, profile=profile, **options)
+    rows_of = {(name, seed) for name in names for seed in seeds}
+    return _execute(runs, rows_of, jobs, log)
+
+
+def _execute(runs, rows_of: set[tuple[str, int]], jobs: int, log) -> Sweep:
+    """Train or load the planned ``runs``; rows for the ``(name, seed)`` pairs in ``rows_of``."""
     if jobs < 1:
         raise ValueError(f"jobs={jobs}: need at least one")
     log = log or (lambda line: None)
-    names = list(names)
-    runs = plan(names, seeds, profile=profile, **options)
     paths = [engine.run_path(e) for _, _, e in runs]  # each hashes the source: once per run
     cached = [engine.load_run(path, e) for path, (_, _, e) in zip(paths, runs, strict=True)]
     to_train = sum(1 for done in cached if done is None)
@@ -190,7 +199,7 @@ def sweep(
         log(f"[{state['done']}/{len(runs)}] {name} seed {seed}: {what}, "
             f"AP {result.metrics['AP']:.3f} ({time_left()})")  # fmt: skip
         results[(name, seed)] = result
-        if name in names and seed in seeds:  # a teacher trained on the way is not a row
+        if (name, seed) in rows_of:  # a teacher trained on the way is not a row
             rows.extend(_rows(name, seed, result, wall if not result.reused else 0.0))
 
     started = time.perf_counter()
@@ -203,6 +212,52 @@ def sweep(
         _sweep_parallel(runs, paths, cached, jobs, finished)
     log(f"sweep: done in {_clock(time.perf_counter() - started)}")
     return Sweep(rows, results)
+
+
+def book_plan(profile: str | None = None) -> list[tuple[str, int, Experiment]]:
+    """Every run the book's chapters read in ``profile``, teachers first, each once: what
+    ``python -m colad sweep book`` trains beforehand so that a build only reads runs.
+
+    It mirrors the chapters' own sweeps (the book test checks that a smoke build trains exactly
+    these runs): the training, label-assignment and PAA chapters read ``paa``; LAD
+    and CoLAD their methods over three seeds; COP its Table 1 rows per backbone; LAD-and-LD both
+    sides of Table 2.
+    """
+    profile = profile or config.profile_from_env()
+    seeds = (0, 1) if profile == "smoke" else (0, 1, 2)
+    groups: list[tuple[list[str], tuple[int, ...], dict]] = [
+        (["paa"], (0,), {}),
+        (["paa-small", "kd", "lad", "solad", "paa-big", "lad-up"], (0, 1, 2), {}),  # lad.md
+        (["colad", "colad-fisher", "paa-small", "paa-big"], (0, 1, 2), {}),  # colad.md
+        (["paa", "gfl"], (0,), {}),  # ld.md
+        (["paa-small", "lad", "colad", "solad", "gfl-small", "ld"], seeds, {}),
+    ]
+    table1 = [name for name, _, _ in config.TABLE1_ROWS]
+    for k, backbone in enumerate(COP_BACKBONES.get(profile, COP_BACKBONES["full"])):  # cop.md
+        groups.append((table1 if k == 0 else table1[:5], seeds, {"backbone": backbone}))
+    runs, seen = [], set()
+    for names, group_seeds, options in groups:
+        for name, seed, experiment in plan(names, group_seeds, profile=profile, **options):
+            path = engine.run_path(experiment)
+            if path not in seen:
+                seen.add(path)
+                runs.append((name, seed, experiment))
+    return runs
+
+
+#: The backbones of the chapter "Conditional objectness" by profile, the first with all seven
+#: rows of Table 1 (quick leaves EfficientNet-B0 out, for the chapter's time budget).
+COP_BACKBONES = {
+    "smoke": ("resnet18", "repvgg_a0"),
+    "quick": ("resnet18", "repvgg_a0", "resnet50"),
+    "full": ("resnet18", "efficientnet_b0", "repvgg_a0", "resnet50"),
+}
+
+
+def sweep_book(profile: str | None = None, *, jobs: int = 1, log=print) -> Sweep:
+    """Train (or find) every run of :func:`book_plan`, with progress and the time left."""
+    runs = book_plan(profile)
+    return _execute(runs, {(name, seed) for name, seed, _ in runs}, jobs, log)
 
 
 def _sweep_parallel(runs, paths, cached, jobs, finished) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from colad import engine, sweep
+
 BOOK = Path(__file__).resolve().parent.parent / "book"
 # A script, stylesheet or image fetched from another host when a page loads.
 EXTERNAL_LOAD = re.compile(
@@ -82,5 +84,11 @@ def test_book_builds_in_smoke_profile(tmp_path):
         assert not external, f"{page.name} loads from other hosts: {external[:3]}"
     reports = html / "reports"
     assert not reports.exists() or not any(reports.iterdir()), "execution reports were written"
+    # `sweep book` plans exactly the runs the chapters trained
+    trained = {p.name for p in (tmp_path / "data" / "runs").iterdir() if p.is_dir()}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COLAD_DATA", str(tmp_path / "data"))
+        planned = {engine.run_path(e).name for _, _, e in sweep.book_plan("smoke")}
+    assert planned == trained, (sorted(planned - trained), sorted(trained - planned))
     # the chapters generated their data where COLAD_DATA pointed
     assert any((tmp_path / "data" / "synth").glob("shapes-smoke-*/COMPLETE"))

@@ -145,3 +145,13 @@ def test_method_benchmark_reports_its_ratio():
         assert r["method_ms"] > 0 and r["target"] in (1.1, 1.05)
     with pytest.raises(ValueError, match="method"):
         bench.bench_method("kd", small, big)
+
+
+def test_sweep_book_plans_each_chapter_run_once_and_takes_no_other_options(capsys):
+    runs = sweep.book_plan("quick")
+    paths = [engine.run_path(e) for _, _, e in runs]
+    assert len(paths) == len(set(paths))
+    names = {name for name, _, _ in runs}
+    assert {"paa", "lad", "colad", "ld", "gfl", "paa-cop"} <= names
+    assert main(["sweep", "book", "lad"]) == 2
+    assert "no other names" in capsys.readouterr().err
