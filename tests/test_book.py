@@ -92,3 +92,19 @@ def test_book_builds_in_smoke_profile(tmp_path):
     assert planned == trained, (sorted(planned - trained), sorted(trained - planned))
     # the chapters generated their data where COLAD_DATA pointed
     assert any((tmp_path / "data" / "synth").glob("shapes-smoke-*/COMPLETE"))
+
+
+def test_the_chapters_time_limit_follows_the_profile(monkeypatch):
+    monkeypatch.syspath_prepend(str(BOOK / "_ext"))
+    import colad_book
+
+    assert colad_book.timeout_for("smoke") == 600 and colad_book.timeout_for(None) == 3 * 3600
+    assert colad_book.timeout_for("full") == -1  # chapters read runs a GPU server prepared
+    with pytest.raises(ValueError, match="COLAD_PROFILE='fast'"):
+        colad_book.timeout_for("fast")
+    config = type("Config", (), {})()
+    monkeypatch.setenv("COLAD_PROFILE", "smoke")
+    colad_book._set_timeout(None, config)
+    assert config.nb_execution_timeout == 600
+    for chapter in BOOK.glob("*.md"):  # no chapter overrides it
+        assert "execution_timeout" not in chapter.read_text(), chapter.name
