@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.models.detection.image_list import ImageList
 from tqdm.auto import tqdm
 
-from colad import config, data, dist, evaluate
+from colad import config, data, dist, evaluate, status
 from colad.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -922,13 +922,13 @@ def run(
     env = dist.current()
     path = Path(path) if path is not None else run_path(experiment)
     if not redo and (done := load_run(path, experiment)) is not None:
-        return done
+        return _read(done)
     # Two notebooks asking for the same run: the second waits for the first, then loads its
     # result. (Under torchrun the processes of one job train together; no lock.)
     lock = contextlib.nullcontext() if env.distributed else exclusive(path)
     with lock:
         if not redo and (done := load_run(path, experiment)) is not None:
-            return done  # finished by the process we waited for
+            return _read(done)  # finished by the process we waited for
         leftovers = path.is_dir() and any(path.iterdir())
         resume = False
         if leftovers and not redo:
@@ -946,4 +946,12 @@ def run(
     if result is None:
         raise RuntimeError(f"{path}: the run finished but its files are incomplete")
     result.reused = False
+    return _read(result)
+
+
+def _read(result: RunResult) -> RunResult:
+    """``result``, recorded for the book's status page (:mod:`colad.status`) when a build asks
+    for it (on the first process only)."""
+    if dist.current().is_main:
+        status.record_run(result)
     return result

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
-from colad import config, engine
+from colad import config, engine, status
 from colad.config import Experiment
 
 __all__ = [
@@ -199,6 +199,7 @@ def _execute(runs, rows_of: set[tuple[str, int]], jobs: int, log) -> Sweep:
         log(f"[{state['done']}/{len(runs)}] {name} seed {seed}: {what}, "
             f"AP {result.metrics['AP']:.3f} ({time_left()})")  # fmt: skip
         results[(name, seed)] = result
+        status.record_run(result)  # runs read from the cache never pass through engine.run
         if (name, seed) in rows_of:  # a teacher trained on the way is not a row
             rows.extend(_rows(name, seed, result, wall if not result.reused else 0.0))
 

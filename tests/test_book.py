@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
+import shutil
 import subprocess
 import sys
+import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
 
-from colad import engine, sweep
+from colad import engine, status, sweep
 
 BOOK = Path(__file__).resolve().parent.parent / "book"
 # A script, stylesheet or image fetched from another host when a page loads.
@@ -44,9 +48,10 @@ def test_toc_names_every_chapter_and_nothing_else():
     assert set(toc_files()) == chapters
 
 
-@pytest.mark.book
-@pytest.mark.slow
-def test_book_builds_in_smoke_profile(tmp_path):
+@pytest.fixture(scope="module")
+def smoke_book(tmp_path_factory):
+    """The whole book built in the smoke profile (once per module): ``(tmp_path, process)``."""
+    tmp_path = tmp_path_factory.mktemp("book")
     env = {
         **os.environ,
         "COLAD_PROFILE": "smoke",
@@ -65,6 +70,13 @@ def test_book_builds_in_smoke_profile(tmp_path):
         str(tmp_path),
     ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    return tmp_path, proc
+
+
+@pytest.mark.book
+@pytest.mark.slow
+def test_book_builds_in_smoke_profile(smoke_book):
+    tmp_path, proc = smoke_book
     log = proc.stdout[-6000:] + proc.stderr[-6000:]
     assert proc.returncode == 0, log
     assert "build succeeded" in proc.stdout, log
@@ -90,6 +102,13 @@ def test_book_builds_in_smoke_profile(tmp_path):
         patch.setenv("COLAD_DATA", str(tmp_path / "data"))
         planned = {engine.run_path(e).name for _, _, e in sweep.book_plan("smoke")}
     assert planned == trained, (sorted(planned - trained), sorted(trained - planned))
+    # the status page names the build and the runs each chapter read
+    page = (html / "status.html").read_text()
+    assert "git commit" in page and "smoke" in page and "paa-tiny-smoke-" in page
+    recorded = status.runs_by_chapter(tmp_path / "_build" / "colad-runs.jsonl")
+    readers = {"label-assignment", "paa", "training", "lad", "colad", "ld", "cop"}
+    assert readers <= set(recorded), sorted(readers - set(recorded))
+    assert {r["run"] for runs in recorded.values() for r in runs} == trained
     # the chapters generated their data where COLAD_DATA pointed
     assert any((tmp_path / "data" / "synth").glob("shapes-smoke-*/COMPLETE"))
 
@@ -108,3 +127,123 @@ def test_the_chapters_time_limit_follows_the_profile(monkeypatch):
     assert config.nb_execution_timeout == 600
     for chapter in BOOK.glob("*.md"):  # no chapter overrides it
         assert "execution_timeout" not in chapter.read_text(), chapter.name
+
+
+def _chromium() -> str | None:
+    """The system's Chromium (Debian's ``chromium`` package), if any."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def served_book(smoke_book):
+    """The built smoke book over HTTP on a free local port (as a reader's browser gets it)."""
+    tmp_path, proc = smoke_book
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    html = tmp_path / "_build" / "html"
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(html))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path
+    server.shutdown()
+
+
+# What a page shows as text, without code, math and scripts: where raw TeX must not remain.
+_PROSE = """() => {
+  const main = document.querySelector('main').cloneNode(true);
+  main.querySelectorAll('pre, code, script, style, mjx-container, .MathJax, .highlight')
+      .forEach(e => e.remove());
+  return main.innerText;
+}"""
+
+
+# Display equations that do not fit the text column (cut off or scrolled in the page).
+_WIDE_EQUATIONS = """() => [...document.querySelectorAll('mjx-container[display="true"]')]
+  .filter(e => e.querySelector('mjx-math').getBoundingClientRect().width
+               > e.getBoundingClientRect().width + 1)
+  .map(e => e.textContent.slice(0, 40))"""
+
+
+@pytest.mark.book
+@pytest.mark.browser
+@pytest.mark.slow
+def test_every_page_reads_well_in_a_real_browser(served_book):
+    """Headless Chromium, offline: every page loads without broken images or error outputs,
+    its math is typeset (no raw TeX left), every image has alt text, no page shows a path of
+    the machine that built it, and previous/next lead through the chapters in order."""
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium package)")
+    from playwright.sync_api import sync_playwright
+
+    base, tmp_path = served_book
+    pages = toc_files()
+    shots = os.environ.get("COLAD_BROWSER_SHOTS")
+    problems = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        outside = []
+        page.route(  # offline, as the book must work: any request to another host fails
+            "**/*",
+            lambda route: (route.continue_() if route.request.url.startswith(base)
+                           else (outside.append(route.request.url), route.abort())),
+        )  # fmt: skip
+        for k, name in enumerate(pages):
+            page.goto(f"{base}/{name}.html", wait_until="load")
+            page.wait_for_function("() => !window.MathJax || !MathJax.startup || "
+                                   "MathJax.startup.promise !== undefined")  # fmt: skip
+            page.evaluate("() => window.MathJax?.startup?.promise")
+            images = page.eval_on_selector_all(
+                "main img", "els => els.map(e => [e.getAttribute('src'), e.naturalWidth, "
+                "(e.getAttribute('alt') || '').trim()])",
+            )  # fmt: skip
+            for src, width, alt in images:
+                if not width:
+                    problems.append(f"{name}: broken image {src}")
+                if not alt:
+                    problems.append(f"{name}: image without alt text {src}")
+            errors = page.locator("main .output.error, main .output.traceback").count()
+            if errors:
+                problems.append(f"{name}: {errors} error output(s)")
+            text = page.evaluate(_PROSE)
+            for raw in ("\\(", "\\[", "$$", "\\begin{", "\\frac"):
+                if raw in text:
+                    where = text.index(raw)
+                    problems.append(f"{name}: raw TeX {text[max(0, where - 40) : where + 40]!r}")
+            if page.locator("main .math").count() and not page.locator("mjx-container").count():
+                problems.append(f"{name}: math was not typeset")
+            wide = page.evaluate(_WIDE_EQUATIONS)
+            if wide:
+                problems.append(f"{name}: equations wider than the text column: {wide}")
+            for machine_path in (str(tmp_path), str(BOOK.parent)):
+                if machine_path in page.inner_text("main"):
+                    problems.append(f"{name}: shows the build machine's path {machine_path}")
+            links = {
+                direction: page.eval_on_selector_all(
+                    f"a.{direction}", "els => els.map(e => e.getAttribute('href'))"
+                )
+                for direction in ("left-prev", "right-next")
+            }
+            if k > 0 and links["left-prev"][:1] != [f"{pages[k - 1]}.html"]:
+                problems.append(f"{name}: previous is {links['left-prev']}, not {pages[k - 1]}")
+            if k + 1 < len(pages) and links["right-next"][:1] != [f"{pages[k + 1]}.html"]:
+                problems.append(f"{name}: next is {links['right-next']}, not {pages[k + 1]}")
+            if shots:
+                page.screenshot(path=str(Path(shots) / f"{name}.png"), full_page=True)
+        # following "next" from the first page visits every chapter in order
+        page.goto(f"{base}/{pages[0]}.html")
+        visited = [pages[0]]
+        while page.locator("a.right-next").count():
+            page.locator("a.right-next").first.click()
+            page.wait_for_load_state("load")
+            visited.append(page.url.rsplit("/", 1)[-1].removesuffix(".html"))
+        if visited != pages:
+            problems.append(f"next leads through {visited}, not {pages}")
+        browser.close()
+    assert not outside, f"pages asked other hosts for {outside[:3]}"
+    assert not problems, "\n".join(problems)
