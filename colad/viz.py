@@ -30,7 +30,6 @@ __all__ = [
     "plot_positives",
     "plot_candidates",
     "plot_mixture",
-    "mixture_explorer",
     "plot_history",
     "show_detections",
     "own_vs_teacher",
@@ -379,21 +378,6 @@ def plot_mixture(
     if title:
         ax.set_title(title, fontsize=9)
     return fig
-
-
-def mixture_explorer(draw, num_objects: int):
-    """An ipywidgets slider over objects that redraws ``draw(index)`` (a function returning a
-    figure). Needs a live kernel; in a static book show one ``draw(i)`` instead."""
-    import ipywidgets
-    from IPython.display import display
-
-    def show(index: int) -> None:
-        fig = draw(index)
-        display(fig)
-        plt.close(fig)
-
-    slider = ipywidgets.IntSlider(value=0, min=0, max=max(num_objects - 1, 0), description="object")
-    return ipywidgets.interactive(show, index=slider)
 
 
 def plot_history(
