@@ -779,12 +779,17 @@ def on_dataset(
         )
     num_classes = len(categories["train"])
     data = dataclasses.replace(experiment.data, **files)
+    experiment = dataclasses.replace(experiment, data=data)
+    return _each_network(experiment, lambda m: dataclasses.replace(m, num_classes=num_classes))
+
+
+def _each_network(experiment: Experiment, change) -> Experiment:
+    """``experiment`` with ``change(model_config)`` applied to every network it trains (the
+    model, and CoLAD's second network); a teacher is its own run and keeps its settings."""
     distill = experiment.distill
     if distill.network2 is not None:
-        network2 = dataclasses.replace(distill.network2, num_classes=num_classes)
-        distill = dataclasses.replace(distill, network2=network2)
-    model = dataclasses.replace(experiment.model, num_classes=num_classes)
-    return dataclasses.replace(experiment, data=data, model=model, distill=distill)
+        distill = dataclasses.replace(distill, network2=change(distill.network2))
+    return dataclasses.replace(experiment, model=change(experiment.model), distill=distill)
 
 
 def experiment(
@@ -824,7 +829,4 @@ def experiment(
         width_mult = model.width_mult if weights == "none" else 1.0
         return dataclasses.replace(model, weights=weights, width_mult=width_mult)
 
-    distill = built.distill
-    if distill.network2 is not None:
-        distill = dataclasses.replace(distill, network2=initialised(distill.network2))
-    return dataclasses.replace(built, model=initialised(built.model), distill=distill)
+    return _each_network(built, initialised)

@@ -219,11 +219,8 @@ def teacher_key(experiment: Experiment) -> str | None:
         return run_key(source)
     if source.is_dir():
         return load_run(source).summary["key"]
-    digest = hashlib.sha1()
-    with open(source, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:10]
+    stat = source.stat()
+    return _file_digest(str(source), stat.st_mtime_ns, stat.st_size)[:10]
 
 
 def load_teacher(experiment: Experiment, *, progress: bool = True) -> nn.Module:
@@ -724,6 +721,8 @@ def _plain(experiment: Experiment) -> dict:
 
 @lru_cache(maxsize=64)
 def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    """The SHA-1 of a file's bytes (a teacher checkpoint, an annotation file), read once per
+    version of the file."""
     digest = hashlib.sha1()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

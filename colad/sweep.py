@@ -199,7 +199,8 @@ def _execute(runs, rows_of: set[tuple[str, int]], jobs: int, log) -> Sweep:
         log(f"[{state['done']}/{len(runs)}] {name} seed {seed}: {what}, "
             f"AP {result.metrics['AP']:.3f} ({time_left()})")  # fmt: skip
         results[(name, seed)] = result
-        status.record_run(result)  # runs read from the cache never pass through engine.run
+        if result.reused:  # read from the cache here; engine.run records the runs it trains
+            status.record_run(result)
         if (name, seed) in rows_of:  # a teacher trained on the way is not a row
             rows.extend(_rows(name, seed, result, wall if not result.reused else 0.0))
 
