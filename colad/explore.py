@@ -11,6 +11,8 @@ there is no notebook front end at all. The update functions are what the tests c
   cut (:func:`colad.paa.paa_trace`).
 * :class:`AssignmentExplorer`: pick an image and an object; the anchors each of several
   assignment rules makes positive for it (own PAA, a teacher's, CoLAD's switched costs, ATSS).
+* :class:`DetectionExplorer`: pick an image, a score threshold and a class; the detections
+  coloured by TIDE's verdict on each, and the objects nothing found.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "Explorer",
     "MixtureExplorer",
     "AssignmentExplorer",
+    "DetectionExplorer",
     "own_assignment",
     "colad_assignment",
 ]
@@ -229,3 +232,63 @@ class AssignmentExplorer(Explorer):
             a, b = matched[names[0]], matched[names[1]]
             facts["shared"] = int(((a >= 0) & (a == b)).sum())
         return figure, facts
+
+
+# ----------------------------------------------------------------------------------------------
+# Detections and TIDE's verdicts
+
+
+class DetectionExplorer(Explorer):
+    """One image's detections above a score threshold, coloured by TIDE's verdict on each
+    (:func:`colad.tide.classify_detections`), with the missed objects; optionally one class.
+
+    Args:
+        dataset: the :class:`colad.data.CocoDetection` the detections were made on, without
+            transforms (images at their stored size, as the detections' boxes are).
+        verdicts: TIDE's verdicts on the detections.
+        indices: the dataset items to choose from.
+        thresholds: the score thresholds to choose from (the first is the default).
+    """
+
+    def __init__(self, dataset, verdicts, indices: Sequence[int] = range(8),
+                 thresholds: Sequence[float] = (0.3, 0.05, 0.1, 0.2, 0.5)):  # fmt: skip
+        self.dataset, self.verdicts = dataset, verdicts
+        self.indices = [i for i in indices if i < len(dataset)]
+        if not self.indices:
+            raise ValueError("DetectionExplorer: none of the indices is in the dataset")
+        if not thresholds:
+            raise ValueError("DetectionExplorer needs at least one score threshold")
+        self.thresholds = list(thresholds)
+
+    def _errors_on(self, index: int) -> int:
+        image_id = int(self.dataset.image_record(index)["id"])
+        wrong = sum(self.verdicts.kinds[i] not in ("TP", "unscored")
+                    for i in self.verdicts.on_image(image_id)
+                    if self.verdicts.detections[i]["score"] >= self.thresholds[0])  # fmt: skip
+        return wrong + sum(o["image_id"] == image_id for o in self.verdicts.missed)
+
+    def controls(self):
+        worst = max(self.indices, key=self._errors_on)  # the default shows the most errors
+        index = self.dataset.index
+        classes = [("all", -1)] + list(zip(index.names, index.category_ids, strict=True))
+        return {
+            "image": ([(str(i), i) for i in self.indices], worst),
+            "min_score": ([(f"{t:g}", t) for t in self.thresholds], self.thresholds[0]),
+            "category": (classes, -1),
+        }
+
+    def update(self, image: int, min_score: float = 0.3, category: int = -1):
+        """Draw ``image`` with its detections scoring at least ``min_score``, of one category id
+        (``-1``: all)."""
+        if image not in self.indices:
+            raise ValueError(f"image {image} is not one of {self.indices}")
+        if category != -1 and category not in self.dataset.index.category_ids:
+            raise ValueError(f"category {category} is not -1 (all) or one of the dataset's "
+                             f"{self.dataset.index.category_ids}")  # fmt: skip
+        figure, ax = plt.subplots(figsize=(4.6, 4.0))
+        drawn = viz.draw_verdicts(ax, self.dataset, image, self.verdicts, min_score=min_score,
+                                  category=None if category == -1 else category)  # fmt: skip
+        shown = ", ".join(f"{n} {k}" for k, n in drawn.items()) or "nothing"
+        ax.set_title(f"image {image}, score >= {min_score:g}: {shown}", fontsize=8)
+        figure.tight_layout()
+        return figure, {"drawn": drawn}

@@ -223,7 +223,7 @@ def book_plan(profile: str | None = None) -> list[tuple[str, int, Experiment]]:
     It mirrors the chapters' own sweeps (the book test checks that a smoke build trains exactly
     these runs): the training, label-assignment and PAA chapters read ``paa``; LAD
     and CoLAD their methods over three seeds; COP its Table 1 rows per backbone; LAD-and-LD both
-    sides of Table 2.
+    sides of Table 2; TIDE the small PAA network alone, with CoLAD and with CoLAD-COP.
     """
     profile = profile or config.profile_from_env()
     seeds = (0, 1) if profile == "smoke" else (0, 1, 2)
@@ -233,6 +233,7 @@ def book_plan(profile: str | None = None) -> list[tuple[str, int, Experiment]]:
         (["colad", "colad-fisher", "paa-small", "paa-big"], (0, 1, 2), {}),  # colad.md
         (["paa", "gfl"], (0,), {}),  # ld.md
         (["paa-small", "lad", "colad", "solad", "gfl-small", "ld"], seeds, {}),
+        (["paa-small", "colad", "colad-cop"], seeds, {}),  # tide.md
     ]
     table1 = [name for name, _, _ in config.TABLE1_ROWS]
     for k, backbone in enumerate(COP_BACKBONES.get(profile, COP_BACKBONES["full"])):  # cop.md

@@ -40,6 +40,9 @@ __all__ = [
     "cop_neighbourhood",
     "plot_cop_neighbourhood",
     "plot_gains",
+    "VERDICT_COLORS",
+    "draw_verdicts",
+    "plot_error_examples",
 ]
 
 #: One colour per role, used by every figure of the book.
@@ -51,6 +54,19 @@ ROLE_COLORS = {
     "ignored": "#7f7f7f",
 }
 _CLASS_COLORS = plt.get_cmap("tab10").colors
+
+#: One colour per TIDE verdict of a detection (:data:`colad.tide.VERDICTS`), and ``Miss`` for
+#: the objects nothing found.
+VERDICT_COLORS = {
+    "TP": "#2ca02c",
+    "Cls": "#9467bd",
+    "Loc": "#ff7f0e",
+    "Both": "#8c564b",
+    "Dupe": "#1f77b4",
+    "Bkg": "#d62728",
+    "Miss": "#e377c2",
+    "unscored": "#7f7f7f",
+}
 
 
 def use_book_style() -> None:
@@ -188,7 +204,8 @@ def plot_tide(errors: Mapping[str, Mapping], *, title: str | None = None):
     """Bar charts of TIDE's main and special dAP, one series per model.
 
     Args:
-        errors: model name -> the dict of :func:`colad.tide.tide_errors`.
+        errors: model name -> the dict of :func:`colad.tide.tide_errors`, or of
+            :func:`colad.tide.summarize_errors` (means, with its ``std`` drawn as error bars).
 
     Returns:
         The ``Figure`` (two axes: main errors, special errors).
@@ -207,10 +224,14 @@ def plot_tide(errors: Mapping[str, Mapping], *, title: str | None = None):
         x = np.arange(len(kinds))
         for k, name in enumerate(names):
             values = [errors[name][panel][kind] for kind in kinds]
+            spread = errors[name].get("std", {}).get(panel)
             ax.bar(
                 x + (k - (len(names) - 1) / 2) * width,
                 values,
                 width,
+                yerr=_whiskers(values, [spread[kind] for kind in kinds]) if spread else None,
+                capsize=2 if spread else 0,
+                error_kw={"elinewidth": 0.8},
                 label=name,
                 color=_CLASS_COLORS[k % 10],
             )
@@ -221,6 +242,105 @@ def plot_tide(errors: Mapping[str, Mapping], *, title: str | None = None):
         ax_main.legend(frameon=False, ncols=min(3, len(names)))
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _whiskers(means: Sequence[float], stds: Sequence[float]) -> np.ndarray:
+    """Error bars of one standard deviation, cut at zero below (a dAP is never negative)."""
+    return np.array([[min(s, max(m, 0.0)) for m, s in zip(means, stds, strict=True)], stds])
+
+
+def _xyxy(bbox: Sequence[float]) -> list[float]:
+    x, y, w, h = bbox
+    return [x, y, x + w, y + h]
+
+
+def draw_verdicts(
+    ax,
+    dataset,
+    index: int,
+    verdicts,
+    *,
+    min_score: float = 0.0,
+    category: int | None = None,
+) -> dict[str, int]:
+    """Draw item ``index`` of ``dataset`` (a :class:`colad.data.CocoDetection` without
+    transforms, the images the detections were made on) with its objects (white, dashed), the
+    detections scoring at least ``min_score`` coloured by TIDE's verdict (:data:`VERDICT_COLORS`,
+    tagged with verdict and score) and the missed objects (dotted).
+
+    Args:
+        verdicts: :func:`colad.tide.classify_detections` of the detections.
+        category: draw only this category id (objects and detections); ``None`` for all.
+
+    Returns:
+        The number of drawn detections per verdict, and of missed objects (``Miss``).
+    """
+    image, target = dataset[index]
+    image_id = int(dataset.image_record(index)["id"])
+    label_of = {cid: label for label, cid in enumerate(dataset.index.category_ids)}
+    wanted = label_of.get(category) if category is not None else None
+    ax.imshow(to_display(image))
+    ax.set_axis_off()
+    objects = [b for b, lab in zip(target["boxes"].tolist(), target["labels"].tolist(),
+                                   strict=True) if wanted is None or lab == wanted]  # fmt: skip
+    draw_boxes(ax, objects, color="white", linestyle="--", linewidth=0.8)
+    drawn: dict[str, int] = {}
+    for i in reversed(verdicts.on_image(image_id)):  # best-scored drawn last, on top
+        det, kind = verdicts.detections[i], verdicts.kinds[i]
+        if det["score"] < min_score or (category is not None and det["category_id"] != category):
+            continue
+        draw_boxes(ax, [_xyxy(det["bbox"])], names=[kind], labels=[0], scores=[det["score"]],
+                   color=VERDICT_COLORS[kind])  # fmt: skip
+        drawn[kind] = drawn.get(kind, 0) + 1
+    for obj in verdicts.missed:
+        if obj["image_id"] == image_id and category in (None, obj["category_id"]):
+            draw_boxes(ax, [_xyxy(obj["bbox"])], names=["Miss"], labels=[0],
+                       color=VERDICT_COLORS["Miss"], linestyle=":", linewidth=1.6)  # fmt: skip
+            drawn["Miss"] = drawn.get("Miss", 0) + 1
+    return drawn
+
+
+def plot_error_examples(dataset, verdicts, examples: Mapping[str, Mapping], *, size: float = 2.3,
+                        margin: float = 1.0):  # fmt: skip
+    """One panel per error kind: the example's detection (coloured by its kind) and the object
+    it concerns (white, dashed), on a crop of its image around both.
+
+    Args:
+        dataset: the :class:`colad.data.CocoDetection` (no transforms) the detections are on.
+        verdicts: :func:`colad.tide.classify_detections` of the detections.
+        examples: :func:`colad.tide.error_examples`.
+        margin: the crop's border, as a fraction of the boxes' joint size.
+
+    Returns:
+        The ``Figure``.
+    """
+    row_of = {int(dataset.image_record(i)["id"]): i for i in range(len(dataset))}
+    names = dict(zip(dataset.index.category_ids, dataset.names, strict=True))
+    fig, axes = _image_grid(len(examples), min(len(examples), 6) or 1, size)
+    for ax, (kind, example) in zip(axes.flat, examples.items(), strict=False):
+        image, _ = dataset[row_of[example["image_id"]]]
+        ax.imshow(to_display(image))
+        boxes = []
+        if example["object"] is not None:
+            box = _xyxy(example["object"]["bbox"])
+            tag = names.get(example["object"]["category_id"])
+            draw_boxes(ax, [box], labels=[0], names=[tag], color="white", linestyle="--")
+            boxes.append(box)
+        if example["detection"] is not None:
+            det = verdicts.detections[example["detection"]]
+            box = _xyxy(det["bbox"])
+            draw_boxes(ax, [box], labels=[0], names=[names.get(det["category_id"])],
+                       scores=[det["score"]], color=VERDICT_COLORS[kind])  # fmt: skip
+            boxes.append(box)
+        x1, y1 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        x2, y2 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+        pad = margin * max(x2 - x1, y2 - y1, 8.0)
+        height, width = image.shape[-2:]
+        ax.set_xlim(max(x1 - pad, 0), min(x2 + pad, width))
+        ax.set_ylim(min(y2 + pad, height), max(y1 - pad, 0))
+        ax.set_title(kind, color=VERDICT_COLORS[kind], fontsize=9)
     fig.tight_layout()
     return fig
 

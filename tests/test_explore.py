@@ -91,3 +91,39 @@ def test_show_draws_the_static_figure_in_a_book_build_and_widgets_respond(val_se
     image_box.value = other
     assert explorer.facts == explorer.update(image=other, object=object_box.value)[1]
     assert dataclasses.is_dataclass(config.experiment("paa", "smoke"))
+
+
+def test_the_detection_browser_colours_tide_verdicts(data_root, monkeypatch):
+    from colad.evaluate import handmade_detections
+    from colad.tide import classify_detections
+
+    monkeypatch.setenv("COLAD_DATA", str(data_root))
+    paths = data.split_paths("smoke", "val")
+    raw = data.CocoDetection(paths.ann_file, paths.image_dir)  # the detections' image sizes
+    dets = handmade_detections(paths.ann_file, "wrong_class", seed=4, fraction=0.5)
+    verdicts = classify_detections(paths.ann_file, dets)
+    explorer = explore.DetectionExplorer(raw, verdicts, range(4), thresholds=(0.0, 0.9))
+    controls = explorer.controls()
+    image = controls["image"][1]
+    image_id = int(raw.image_record(image)["id"])
+    _, facts = explorer.update(image=image, min_score=0.0)
+    mine = [verdicts.kinds[i] for i in verdicts.on_image(image_id)]
+    expected = {k: mine.count(k) for k in set(mine)}
+    assert facts["drawn"] == expected and "Cls" in expected  # the default shows errors
+    _, high = explorer.update(image=image, min_score=0.9)
+    assert sum(high["drawn"].values()) == sum(
+        dets[i]["score"] >= 0.9 for i in verdicts.on_image(image_id)
+    )
+    category = raw.index.category_ids[0]
+    _, one = explorer.update(image=image, min_score=0.0, category=category)
+    assert sum(one["drawn"].values()) == sum(
+        dets[i]["category_id"] == category for i in verdicts.on_image(image_id)
+    )
+    with pytest.raises(ValueError, match="category 12345"):
+        explorer.update(image=image, category=12345)
+    with pytest.raises(ValueError, match="image 99"):
+        explorer.update(image=99)
+    widget = explorer.widget()
+    image_box, score_box, class_box = widget.children[0].children
+    class_box.value = category
+    assert explorer.facts == one
