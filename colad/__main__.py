@@ -522,14 +522,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             _check_teacher_option(name, args.profile)
         options["teacher"] = args.teacher
     if "book" in args.experiments:
-        if len(args.experiments) > 1 or options or args.slurm:
+        if len(args.experiments) > 1 or options:
             raise ValueError(
                 "sweep book trains the book's own runs: give it no other names and no "
-                "--backbone, --weights, --teacher, dataset or --slurm options"
+                "--backbone, --weights, --teacher or dataset options"
             )
+        if args.slurm:
+            return _submit_sweep(args, sweep.book_plan(args.profile))
         result = sweep.sweep_book(args.profile, jobs=args.jobs)
     elif args.slurm:
-        return _submit_sweep(args, options)
+        runs = sweep.plan(args.experiments, args.seeds, profile=args.profile, **options)
+        return _submit_sweep(args, runs)
     else:
         result = sweep.sweep(
             args.experiments, args.seeds, profile=args.profile, jobs=args.jobs, **options
@@ -540,8 +543,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _submit_sweep(args: argparse.Namespace, options: dict) -> int:
-    from . import cluster, sweep
+def _submit_sweep(args: argparse.Namespace, runs: list) -> int:
+    """Submit the incomplete ``runs`` of a sweep as SLURM jobs; with ``--wait``, summarise."""
+    from . import cluster
 
     spec = cluster.JobSpec(
         partition=args.slurm,
@@ -553,7 +557,6 @@ def _submit_sweep(args: argparse.Namespace, options: dict) -> int:
         folder=str(args.slurm_folder or ""),
         device="cpu" if args.cpu else None,
     )
-    runs = sweep.plan(args.experiments, args.seeds, profile=args.profile, **options)
     submitted = cluster.submit(runs, spec)
     if not submitted:
         print("nothing to submit: every run is complete")

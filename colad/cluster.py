@@ -20,13 +20,23 @@ a way to try the path, and how the tests exercise it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from colad import config, engine
 from colad.config import Experiment
 
-__all__ = ["JobSpec", "TrainRun", "submit", "SubmittedRun"]
+__all__ = [
+    "JobSpec",
+    "TrainRun",
+    "submit",
+    "SubmittedRun",
+    "estimate",
+    "COCO_TRAIN_IMAGES",
+    "PAPER_COMMANDS",
+    "experiment_of",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,3 +194,150 @@ def submit(
     if submitted:
         log(f"logs: {folder}/<job id>/")
     return list(submitted.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# What a run will cost, before asking for it
+
+#: COCO 2017 training images with at least one object (those training keeps).
+COCO_TRAIN_IMAGES = 117_266
+
+#: Peak training memory per GPU that mmdetection measured for the same PAA networks (PAA head
+#: with the IoU branch, 2 images per GPU, fp32, 1333x800; ``configs/paa/README.md``), by
+#: backbone, in GB.
+MMDET_PAA_MEMORY_GB = {"resnet50": 3.7, "resnet101": 6.2}
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_flops(model, size: tuple[int, int]) -> float:
+    """Forward FLOPs of one image through backbone, FPN and head, counted by PyTorch's
+    ``FlopCounterMode`` on the meta device (no memory, no weights, no time)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    detector = _meta_detector(model)
+    with torch.device("meta"):
+        image = torch.empty(1, 3, *size)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            detector.head(detector.features(image))
+    return float(counter.get_total_flops())
+
+
+def estimate(experiment: Experiment, *, sustained_tflops: float = 50.0,
+             train_images: int = COCO_TRAIN_IMAGES) -> dict:  # fmt: skip
+    """An estimate of a run's GPU-hours and memory per GPU, from counted FLOPs and an assumed
+    sustained GPU throughput: the order of magnitude to request, not a measurement.
+
+    GPU-hours = (FLOPs of every image of every epoch: forward and backward of each trained
+    network, forward of a teacher) / ``sustained_tflops`` / 3600. Forward FLOPs are counted;
+    a backward pass is taken as twice its forward (the usual rule; PyTorch's counter
+    overcounts the backward of depthwise convolutions). FLOPs are counted for the
+    largest training image (short side ``max(min_size, train_min_sizes)``, long side
+    ``max_size``), for backbone, FPN and head only: assignment, losses, data loading and
+    evaluation are left out. ``sustained_tflops`` is what one GPU really sustains in training
+    (well below its peak); measure yours with ``python -m colad bench train --profile full``.
+
+    Memory per GPU: mmdetection's measured peak for the same PAA network where it published
+    one (:data:`MMDET_PAA_MEMORY_GB`, 2 images per GPU, fp32), plus a teacher's fp32 weights;
+    ``None`` where no measurement exists for a trained network (other backbones and heads).
+
+    Returns:
+        ``{"networks", "images", "epochs", "forward_gflops", "pflops", "gpu_hours",
+        "memory_gb"}``; ``forward_gflops`` is per image, summed over the networks run.
+    """
+    short = max([experiment.data.min_size, *experiment.data.train_min_sizes])
+    size = (-(-short // 32) * 32, -(-experiment.data.max_size // 32) * 32)  # padded as batched
+    trained = [experiment.model]
+    if experiment.distill.network2 is not None:
+        trained.append(experiment.distill.network2)
+    teacher = experiment.distill.teacher
+    teacher_model = (config.experiment(teacher, experiment.data.profile).model
+                     if teacher in config.EXPERIMENTS else None)  # fmt: skip
+    forward = sum(_forward_flops(model, size) for model in trained)
+    total = 3 * forward  # a backward pass costs about twice the forward (inputs and weights)
+    if teacher_model is not None:
+        teacher_forward = _forward_flops(teacher_model, size)
+        forward, total = forward + teacher_forward, total + teacher_forward
+    work = total * train_images * experiment.train.epochs
+    memory = [MMDET_PAA_MEMORY_GB.get(m.backbone) if m.head == "paa" else None for m in trained]
+    memory_gb = None if None in memory else sum(memory)
+    if memory_gb is not None and teacher_model is not None:
+        params = sum(p.numel() for p in _meta_detector(teacher_model).parameters())
+        memory_gb += 4 * params / 1e9
+    return {
+        "networks": len(trained) + (teacher_model is not None),
+        "images": train_images,
+        "epochs": experiment.train.epochs,
+        "forward_gflops": forward / 1e9,
+        "pflops": work / 1e15,
+        "gpu_hours": work / (sustained_tflops * 1e12) / 3600,
+        "memory_gb": memory_gb,
+    }
+
+
+def _meta_detector(model):
+    import torch
+
+    from colad.detector import Detector
+
+    with torch.device("meta"):
+        return Detector(dataclasses.replace(model, weights="none"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's tables as commands
+
+#: Every row of the paper's tables that this library can train, as ``(table, row, arguments of
+#: python -m colad)``; all in the ``full`` profile (COCO, 1333x800, ImageNet weights). The
+#: chapter "Scaling to COCO and to a cluster" lists them with their estimates.
+PAPER_COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("PAA baselines", "PAA-R50 12e", "train paa"),
+    ("PAA baselines", "PAA-R50 24e", "train paa --epochs 24"),
+    ("PAA baselines", "PAA-R101 12e", "train paa-big"),
+    ("PAA baselines", "PAA-R101 24e", "train paa-big --epochs 24"),
+    ("PAA baselines", "PAA-R18 12e", "train paa --backbone resnet18"),
+    ("Table 2 (pilot)", "soft labels R101 -> R50", "train kd"),
+    ("Table 2 (pilot)", "LAD R101 -> R50", "train lad"),
+    ("Table 2 (pilot)", "SoLAD R101 -> R50", "train solad"),
+    ("Table 3", "soft labels R50 -> R101", "train kd --backbone resnet101 --teacher paa"),
+    ("Table 3", "LAD R50 -> R101", "train lad-up"),
+    ("Table 7", "CoLAD R50 + R101-COP, 2x (net2 evaluated)", "train colad-cop"),
+    *(
+        ("Appendix Table 1", f"{row} {backbone}", f"train {name} --backbone {backbone}")
+        for backbone in ("efficientnet_b0", "repvgg_a0", "resnet18", "resnet50")
+        for row, name in (
+            ("IoU", "paa"),
+            ("IoU + IOP", "paa-iop"),
+            ("IoU + COP", "paa-cop"),
+            ("IoU* + IOP", "paa-iop-noiou-infer"),
+            ("IoU* + COP", "paa-cop-noiou-infer"),
+            ("IOP", "paa-iop-base"),
+            ("COP", "paa-cop-base"),
+        )
+    ),
+    ("Appendix Table 2", "LAD R50 -> R18", "train lad --backbone resnet18 --teacher paa"),
+    ("Appendix Table 2", "SoLAD R50 -> R18", "train solad --backbone resnet18 --teacher paa"),
+    ("Appendix Table 2", "GF R18", "train gfl --backbone resnet18"),
+    ("Appendix Table 2", "LD R50 -> R18", "train ld --backbone resnet18 --teacher gfl"),
+    ("Appendix Table 2", "LAD R101 -> R18", "train lad --backbone resnet18"),
+    ("Appendix Table 2", "CoLAD R101 + R18", "train colad --backbone resnet18 --epochs 12"),
+    ("Appendix Table 2", "SoLAD R101 -> R18", "train solad --backbone resnet18"),
+    ("Appendix Table 2", "LD R101 -> R18", "train ld --backbone resnet18"),
+    ("Appendix Table 2", "CoLAD R101 + R50", "train colad --epochs 12"),
+    ("Appendix Table 2", "GF R50", "train gfl"),
+    ("Appendix Table 2", "LD R101 -> R50", "train ld"),
+)
+
+
+def experiment_of(arguments: str) -> Experiment:
+    """The experiment ``python -m colad ARGUMENTS`` (a ``train`` command) would run in the full
+    profile, resolved by the command line's own parser."""
+    import shlex
+
+    from colad.__main__ import _train_experiment, build_parser
+
+    words = shlex.split(arguments)
+    if words[:1] != ["train"]:
+        raise ValueError(f"{arguments!r}: not a train command")
+    return _train_experiment(build_parser().parse_args([*words, "--profile", "full"]))

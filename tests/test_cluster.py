@@ -91,3 +91,58 @@ def test_slurm_jobs_ask_for_the_gpus_and_wait_for_their_teacher(fresh_root, monk
     with pytest.raises(ValueError, match="partition"):
         cluster.JobSpec(partition="")
     assert os.environ["COLAD_DATA"] == str(fresh_root)
+
+
+def test_the_full_books_runs_go_to_slurm_in_one_command(fresh_root, monkeypatch, capsys):
+    import submitit
+
+    monkeypatch.setattr(submitit, "AutoExecutor", _RecordingExecutor)
+    assert main(["sweep", "book", "--profile", "full", "--slurm", "gpu"]) == 0
+    (executor,) = _RecordingExecutor.made[-1:]
+    planned = sweep.book_plan("full")
+    assert len(executor.jobs) == len(planned) > 50  # none complete in an empty run cache
+    names = {json.loads(json.dumps(f.experiment))["name"] for _, f, _ in executor.jobs}
+    assert names == {e.name for _, _, e in planned}
+    assert f"{len(planned)} job(s) submitted" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's commands and their estimates
+
+
+def test_every_paper_command_resolves_to_a_full_profile_experiment():
+    rows = [(table, row) for table, row, _ in cluster.PAPER_COMMANDS]
+    assert len(set(rows)) == len(rows)
+    for _, row, arguments in cluster.PAPER_COMMANDS:
+        experiment = cluster.experiment_of(arguments)
+        assert experiment.data.profile == "full" and experiment.model.weights == "imagenet", row
+        for part in row.split():
+            if part.startswith("R") and part[1:].isdigit():  # every network the row names
+                backbones = [experiment.model.backbone]
+                if experiment.distill.network2 is not None:
+                    backbones.append(experiment.distill.network2.backbone)
+                if experiment.distill.teacher:
+                    teacher = config.experiment(experiment.distill.teacher, "full")
+                    backbones.append(teacher.model.backbone)
+                assert f"resnet{part[1:]}" in backbones, (row, backbones)
+    assert cluster.experiment_of("train paa-big --epochs 24").train.epochs == 24
+    with pytest.raises(ValueError, match="not a train command"):
+        cluster.experiment_of("eval somewhere")
+
+
+def test_estimates_add_up_from_counted_flops():
+    paa = cluster.estimate(cluster.experiment_of("train paa"))
+    big = cluster.estimate(cluster.experiment_of("train paa-big"))
+    lad = cluster.estimate(cluster.experiment_of("train lad"))  # R101 teaches R50
+    assert 300 < paa["forward_gflops"] < 600 and big["forward_gflops"] > paa["forward_gflops"]
+    images = cluster.COCO_TRAIN_IMAGES * 12
+    assert paa["pflops"] == pytest.approx(3 * paa["forward_gflops"] * 1e9 * images / 1e15)
+    # the student trains (forward and backward), the teacher only runs forward
+    expected = (3 * paa["forward_gflops"] + big["forward_gflops"]) * 1e9 * images / 1e15
+    assert lad["pflops"] == pytest.approx(expected) and lad["networks"] == 2
+    fast = cluster.estimate(cluster.experiment_of("train paa"), sustained_tflops=100.0)
+    assert fast["gpu_hours"] == pytest.approx(paa["gpu_hours"] / 2)
+    twice = cluster.estimate(cluster.experiment_of("train paa --epochs 24"))
+    assert twice["gpu_hours"] == pytest.approx(2 * paa["gpu_hours"])
+    assert paa["memory_gb"] == 3.7 and big["memory_gb"] == 6.2 and lad["memory_gb"] > 3.7
+    assert cluster.estimate(cluster.experiment_of("train paa-cop"))["memory_gb"] is None
