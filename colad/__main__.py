@@ -11,6 +11,8 @@ Commands:
 * ``eval`` -- evaluate a run directory or a checkpoint on its validation split or any COCO file.
 * ``sweep`` -- train (or find in the run cache) named experiments over several seeds and print
   mean ± std per experiment.
+* ``results`` -- the README's results: every run the book reads, from the run directories
+  (nothing is trained); ``--write README.md`` replaces the README's generated part.
 * ``bench assign`` -- time PAA's batched mixture split against the reference implementations'
   per-object scikit-learn loop on the same inputs, and check that they agree.
 * ``bench train`` / ``bench infer`` -- time a PAA training step / inference against
@@ -28,6 +30,7 @@ Examples::
     python -m colad sweep paa-small lad kd solad --seeds 0 1 2
     torchrun --nproc_per_node=8 -m colad train paa --profile full --backbone resnet18
     python -m colad eval data/runs/paa-tiny-quick-<key>
+    python -m colad results --profile quick --write README.md
     python -m colad bench assign --gts 10 100 1000
     python -m colad bench train --backbone resnet18 --size 512 768 --batch 2
     python -m colad bench train --method lad --teacher-backbone resnet50
@@ -572,6 +575,18 @@ def _submit_sweep(args: argparse.Namespace, runs: list) -> int:
     return _cmd_sweep(args)
 
 
+def _cmd_results(args: argparse.Namespace) -> int:
+    from . import status
+
+    text = status.results_markdown(args.profile or config.profile_from_env())
+    if args.write:
+        status.write_results(args.write, text)
+        print(f"wrote the generated results into {args.write}")
+    else:
+        print(text)
+    return 0
+
+
 def _add_process_options(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument(
         "--cpu", action="store_true", help=f"{verb} on the CPU even if CUDA is present"
@@ -810,6 +825,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmarks against reference implementations",
         description="Benchmarks measured side by side in one process.",
     )
+    results = commands.add_parser(
+        "results",
+        help="the README's results, from the runs the book reads",
+        description="Print (or --write into the README between its markers) the results of "
+        "every run the book reads in a profile, read from the run directories: mean ± std over "
+        "seeds and the gains over each baseline beside the paper's. Trains nothing; runs not in "
+        "the run cache are listed as missing.",
+    )
+    results.add_argument(
+        "--profile", choices=config.PROFILES, default=None,
+        help="whose runs (default: $COLAD_PROFILE, else quick)",
+    )  # fmt: skip
+    results.add_argument(
+        "--write", type=Path, metavar="README",
+        help="replace the generated part of this file instead of printing",
+    )  # fmt: skip
+    results.set_defaults(run=_cmd_results)
+
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     assign = bench_commands.add_parser(
         "assign",

@@ -42,3 +42,37 @@ def test_nothing_is_recorded_outside_a_book_build(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
     facts = status.build_facts()
     assert {"colad", "git commit", "profile", "device", "PyTorch"} <= set(facts)
+
+
+def test_readme_results_come_from_the_run_directories(data_root, tmp_path, monkeypatch):
+    import pytest
+
+    from colad import sweep
+
+    monkeypatch.setenv("COLAD_DATA", str(data_root))
+    planned = sweep.plan(["paa-small", "lad"], (0, 1), profile="smoke")
+    monkeypatch.setattr(sweep, "book_plan", lambda profile=None: planned)
+    done = sweep.sweep(["paa-small", "lad"], (0, 1), profile="smoke", log=None)
+    rows, missing = status.book_results("smoke")
+    assert missing == []
+    lad = {r["seed"]: r["AP"] for r in rows if r["experiment"] == "lad"}
+    assert lad == {s: done.results[("lad", s)].metrics["AP"] for s in (0, 1)}
+    text = status.results_markdown("smoke")
+    expected = sweep.mean_std([lad[0], lad[1]])
+    assert f"| `lad` | {planned[-1][2].model.backbone} |  | 2 | {expected} |" in text
+    gain = sweep.compare(done.rows, "lad", "paa-small")
+    assert f"| LAD | {gain['gain']:+.3f} ± {gain['se']:.3f} |" in text
+    assert "+1.2 (R101 -> R50, Table 2)" in text  # the paper's, labelled
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{status.RESULTS_BEGIN}\nold numbers\n{status.RESULTS_END}\nafter\n")
+    status.write_results(readme, text)
+    written = readme.read_text()
+    assert "old numbers" not in written and text in written and written.endswith("after\n")
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        status.write_results(readme, text)
+
+    later = [(n, s, e) for n, s, e in sweep.plan(["kd"], (0,), profile="smoke")]
+    monkeypatch.setattr(sweep, "book_plan", lambda profile=None: planned + later[-1:])
+    assert "Not in the run cache when this was generated: kd" in status.results_markdown("smoke")
