@@ -48,6 +48,42 @@ def test_toc_names_every_chapter_and_nothing_else():
     assert set(toc_files()) == chapters
 
 
+#: The widest listing line the book's column shows without scrolling (STYLE.md §5.15).
+LISTING_WIDTH = 88
+
+
+def _library_object(path: Path, name: str) -> list[str]:
+    """The source lines of ``name`` (``Class.method`` allowed) in ``path``, decorators too."""
+    import ast
+
+    source = path.read_text()
+    nodes = ast.parse(source).body
+    for part in name.split("."):
+        node = next(n for n in nodes if getattr(n, "name", None) == part)
+        nodes = getattr(node, "body", [])
+    first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+    return source.splitlines()[first - 1 : node.end_lineno]
+
+
+def test_listings_fit_the_column():
+    """Code a reader sees (visible code cells and library listings) keeps lines to 88
+    characters, so that no listing scrolls sideways."""
+    wide = []
+    for chapter in sorted(BOOK.glob("*.md")):
+        text = chapter.read_text()
+        for cell in re.findall(r"```\{code-cell\}[^\n]*\n(.*?)\n```", text, flags=re.S):
+            if ":tags: [remove-cell]" in cell:
+                continue
+            code = cell.split("\n---\n", 1)[1] if cell.startswith("---") else cell
+            wide += [f"{chapter.name}: {line}" for line in code.splitlines()
+                     if len(line) > LISTING_WIDTH]  # fmt: skip
+        for source, name in re.findall(r"```\{literalinclude\} (\S+)\n:pyobject: (\S+)", text):
+            lines = _library_object((BOOK / source).resolve(), name)
+            wide += [f"{chapter.name} ({name}): {line}" for line in lines
+                     if len(line) > LISTING_WIDTH]  # fmt: skip
+    assert not wide, "lines wider than the column:\n" + "\n".join(wide)
+
+
 @pytest.fixture(scope="module")
 def smoke_book(tmp_path_factory):
     """The whole book built in the smoke profile (once per module): ``(tmp_path, process)``."""
@@ -111,6 +147,28 @@ def test_book_builds_in_smoke_profile(smoke_book):
     assert {r["run"] for runs in recorded.values() for r in runs} == trained
     # the chapters generated their data where COLAD_DATA pointed
     assert any((tmp_path / "data" / "synth").glob("shapes-smoke-*/COMPLETE"))
+
+
+def test_a_busy_cpu_gives_chapters_only_the_free_cores(monkeypatch):
+    monkeypatch.syspath_prepend(str(BOOK / "_ext"))
+    import colad_book
+
+    assert colad_book.threads_for(0.2, 2) is None  # idle: PyTorch's default
+    assert colad_book.threads_for(2.3, 2) == 1 and colad_book.threads_for(1.6, 8) == 6
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv(colad_book._OWN_THREADS, raising=False)
+    monkeypatch.delenv("COLAD_CHAPTER", raising=False)  # restored after the test
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    colad_book._enter_chapter(None, "paa", [])
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    colad_book._enter_chapter(None, "lad", [])  # the sweep ended: every core again
+    assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the reader's own setting is kept
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    colad_book._enter_chapter(None, "ld", [])
+    assert os.environ["OMP_NUM_THREADS"] == "3"
 
 
 def test_the_chapters_time_limit_follows_the_profile(monkeypatch):
@@ -207,6 +265,8 @@ def test_every_page_reads_well_in_a_real_browser(served_book):
                     problems.append(f"{name}: broken image {src}")
                 if not alt:
                     problems.append(f"{name}: image without alt text {src}")
+                elif alt.endswith((".png", ".svg", ".jpg")) or alt == src:
+                    problems.append(f"{name}: image whose alt text is its file name {src}")
             errors = page.locator("main .output.error, main .output.traceback").count()
             if errors:
                 problems.append(f"{name}: {errors} error output(s)")
