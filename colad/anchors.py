@@ -23,23 +23,27 @@ def anchors_per_level(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> list[Tensor]:
-    """Square anchors of side ``scale * stride`` centred on the top-left corner of each cell.
+    """Square anchors of side ``scale * stride`` centred on the top-left corner of each
+    cell.
 
     Args:
         feature_sizes: ``(H_l, W_l)`` of each level.
         strides: ``s_l`` of each level, in input pixels.
-        scale: anchor side in strides (mmdet's ``octave_base_scale``; 8 gives 64-1024 px on
-            P3-P7).
+        scale: anchor side in strides (mmdet's ``octave_base_scale``; 8 gives 64-1024
+            px on P3-P7).
 
     Returns:
-        list[Tensor[H_l * W_l, 4]]: xyxy anchors, row-major. The anchor of cell ``(i, j)`` is
-        centred at ``(j * s, i * s)``, not at the cell centre (mmdet's ``center_offset=0``).
+        list[Tensor[H_l * W_l, 4]]: xyxy anchors, row-major. The anchor of cell
+        ``(i, j)`` is centred at ``(j * s, i * s)``, not at the cell centre (mmdet's
+        ``center_offset=0``).
 
     Reference:
         ALGORITHMS.md §1.2; chapter {ref}`sec-label-assignment`.
     """
     if len(feature_sizes) != len(strides):
-        raise ValueError(f"{len(feature_sizes)} feature sizes but {len(strides)} strides")
+        raise ValueError(
+            f"{len(feature_sizes)} feature sizes but {len(strides)} strides",
+        )
     anchors = []
     for (height, width), stride in zip(feature_sizes, strides, strict=True):
         ys = torch.arange(height, device=device, dtype=dtype) * stride

@@ -156,12 +156,13 @@ def lad_step(
 ) -> dict[str, Tensor]:
     """LAD: the student learns from the teacher's assignment (ALGORITHMS.md §4).
 
-    The student's own predictions never enter the assignment; the teacher gives only hard
-    labels (which anchors are positive, their object's box and class). The student's box loss is
-    the plain GIoU mean over the positives.
+    The student's own predictions never enter the assignment; the teacher gives only
+    hard labels (which anchors are positive, their object's box and class). The
+    student's box loss is the plain GIoU mean over the positives.
     """
     predictions = student.predict(images)
-    _, assignment = _teacher_outputs(teacher, images, targets, assign=True)  # not the student's
+    # the teacher's assignment, not the student's
+    _, assignment = _teacher_outputs(teacher, images, targets, assign=True)
     return student.loss(predictions, assignment, box_weighting="mean")
 
 
@@ -253,40 +254,49 @@ def _fisher(values: Tensor, group: Tensor, num_groups: int) -> Tensor:
 
 @torch.no_grad()
 def colad_switch(
-    cost_1: Tensor, cost_2: Tensor, group: Tensor, num_groups: int, rule: str = "std_mean"
+    cost_1: Tensor,
+    cost_2: Tensor,
+    group: Tensor,
+    num_groups: int,
+    rule: str = "std_mean",
 ) -> Tensor:
     """Which network's costs assign each group of candidates (CoLAD's dynamic switch).
 
     A group is one object's pre-assigned candidates on one FPN level. Per group:
 
-    * more than one candidate, ``"std_mean"``: network 2 if ``sigma_2 / mu_2 >= sigma_1 / mu_1``
-      (unbiased std over all the group's candidates; ties go to network 2);
+    * more than one candidate, ``"std_mean"``: network 2 if
+      ``sigma_2 / mu_2 >= sigma_1 / mu_1`` (unbiased std over all the group's
+      candidates; ties go to network 2);
     * more than one candidate, ``"fisher"``: network 2 if its Fisher criterion
-      ``(mu_fg - mu_bg)^2 / (sigma_fg^2 + sigma_bg^2)`` of a two-component mixture fitted to its
-      costs is at least network 1's;
+      ``(mu_fg - mu_bg)^2 / (sigma_fg^2 + sigma_bg^2)`` of a two-component mixture
+      fitted to its costs is at least network 1's;
     * one candidate (both rules): network 2 if ``mu_2 < mu_1`` (its cost is lower);
     * no candidate: ``False`` (nothing to assign).
 
-    Both criteria measure how well a network's costs separate good anchors from bad ones: the
-    network with the more spread-out, more bimodal costs teaches.
+    Both criteria measure how well a network's costs separate good anchors from bad
+    ones: the network with the more spread-out, more bimodal costs teaches.
 
     Args:
         cost_1, cost_2 (Tensor[N]): the two networks' costs of the same N candidates.
         group (Tensor[N] long): each candidate's group in ``[0, num_groups)``.
         num_groups: ``G``.
-        rule: ``"std_mean"`` (the released code's) or ``"fisher"`` (described in the paper only).
+        rule: ``"std_mean"`` (the released code's) or ``"fisher"`` (described in the
+            paper only).
 
     Returns:
         Tensor[G] bool: True where network 2's costs are used.
 
     Reference:
-        Nguyen et al., WACV 2022, §4 (CoLAD); ALGORITHMS.md §5.2-5.3; chapter {ref}`sec-colad`.
+        Nguyen et al., WACV 2022, §4 (CoLAD); ALGORITHMS.md §5.2-5.3; chapter
+        {ref}`sec-colad`.
     """
     if rule not in ("std_mean", "fisher"):
         raise ValueError(f"rule={rule!r}; choose 'std_mean' or 'fisher'")
     if not (cost_1.shape == cost_2.shape == group.shape) or cost_1.dim() != 1:
-        raise ValueError(f"cost_1 {tuple(cost_1.shape)}, cost_2 {tuple(cost_2.shape)} and group "
-                         f"{tuple(group.shape)} must be the same Tensor[N]")  # fmt: skip
+        raise ValueError(
+            f"cost_1 {tuple(cost_1.shape)}, cost_2 {tuple(cost_2.shape)} and group "
+            f"{tuple(group.shape)} must be the same Tensor[N]"
+        )
     if len(group) and not 0 <= int(group.min()) <= int(group.max()) < num_groups:
         raise ValueError(f"group ids must lie in [0, {num_groups})")
     cost_1, cost_2 = cost_1.double(), cost_2.double()
@@ -294,9 +304,15 @@ def colad_switch(
     _, mean_2, std_2 = _group_moments(cost_2, group, num_groups)
     if rule == "std_mean":
         tiny = torch.finfo(torch.float64).tiny
-        score_1, score_2 = std_1 / mean_1.clamp(min=tiny), std_2 / mean_2.clamp(min=tiny)
+        score_1, score_2 = (
+            std_1 / mean_1.clamp(min=tiny),
+            std_2 / mean_2.clamp(min=tiny),
+        )
     else:
-        score_1, score_2 = _fisher(cost_1, group, num_groups), _fisher(cost_2, group, num_groups)
+        score_1, score_2 = (
+            _fisher(cost_1, group, num_groups),
+            _fisher(cost_2, group, num_groups),
+        )
     several = torch.where(count > 1, score_2 >= score_1, False)
     single = (count == 1) & (mean_2 < mean_1)
     return several | single
@@ -413,19 +429,27 @@ def colad_trace(
     return CoLADTrace(trace, costs[0], costs[1], group_map, use_2, size)
 
 
-def colad_step(pair: CoLADPair, images, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+def colad_step(
+    pair: CoLADPair,
+    images,
+    targets: list[dict[str, Tensor]],
+) -> dict[str, Tensor]:
     """CoLAD: both networks learn from one switched assignment (ALGORITHMS.md §5.2).
 
-    Each network gets LAD's losses (plain GIoU mean) on the shared assignment and gradients only
-    from its own losses; the switch's statistics come back beside the losses (no ``loss_``
-    prefix, so the engine logs them and never back-propagates them).
+    Each network gets LAD's losses (plain GIoU mean) on the shared assignment and
+    gradients only from its own losses; the switch's statistics come back beside the
+    losses (no ``loss_`` prefix, so the engine logs them and never back-propagates
+    them).
     """
     first, second = pair.net1.predict(images), pair.net2.predict(images)
     trace = colad_trace(first, second, targets, pair.net1.config, rule=pair.rule,
                         box_coder=pair.net1.box_coder)  # fmt: skip
     assignment = trace.paa.assignment()
     out = {}
-    for k, (net, predictions) in enumerate(((pair.net1, first), (pair.net2, second)), start=1):
+    for k, (net, predictions) in enumerate(
+        ((pair.net1, first), (pair.net2, second)),
+        start=1,
+    ):
         losses = net.loss(predictions, assignment, box_weighting="mean")
         out.update({f"{name}_{k}": value for name, value in losses.items()})
     return {**out, **trace.statistics(len(first.num_anchors_per_level))}

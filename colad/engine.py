@@ -110,12 +110,17 @@ def seed_everything(seed: int) -> None:
 # Building blocks
 
 
-def lr_factor(step: int, train: TrainConfig, steps_per_epoch: int, total_steps: int) -> float:
+def lr_factor(
+    step: int,
+    train: TrainConfig,
+    steps_per_epoch: int,
+    total_steps: int,
+) -> float:
     """The learning rate at ``step`` as a fraction of ``train.lr``.
 
-    A linear warm-up from ``warmup_ratio`` to 1 over ``warmup_steps``, multiplied by the decay:
-    0.1 for every epoch of ``lr_steps`` already passed (``"step"``), or half a cosine from 1 to 0
-    over ``total_steps`` (``"cosine"``).
+    A linear warm-up from ``warmup_ratio`` to 1 over ``warmup_steps``, multiplied by the
+    decay: 0.1 for every epoch of ``lr_steps`` already passed (``"step"``), or half a
+    cosine from 1 to 0 over ``total_steps`` (``"cosine"``).
     """
     warm = 1.0
     if step < train.warmup_steps:

@@ -142,16 +142,18 @@ def coco_evaluate(
     Args:
         gt: the ground truth, a COCO json path or a ``pycocotools.coco.COCO``.
         detections: a COCO results json path or a list of result dicts (``image_id``,
-            ``category_id``, ``bbox`` as xywh in original image pixels, ``score``). An empty list
-            is valid and scores zero.
+            ``category_id``, ``bbox`` as xywh in original image pixels, ``score``). An
+            empty list is valid and scores zero.
 
     Returns:
-        ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
-        "ARl"}`` on pycocotools' 0-1 scale. A metric with no ground truth to measure (e.g. ``APl``
-        when no object is large) is NaN, where pycocotools prints -1.
+        ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs",
+        "ARm", "ARl"}`` on pycocotools' 0-1 scale. A metric with no ground truth to
+        measure (e.g. ``APl`` when no object is large) is NaN, where pycocotools
+        prints -1.
 
     Raises:
-        DatasetError: malformed ground truth or detections (see :func:`load_detections`).
+        DatasetError: malformed ground truth or detections (see
+            :func:`load_detections`).
     """
     gt = load_ground_truth(gt)
     results = load_detections(detections, gt)

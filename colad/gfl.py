@@ -100,17 +100,21 @@ class GFLHead(TowerHead):
 
 
 def expected_distances(box_logits: Tensor) -> Tensor:
-    """The mean of each side's distribution (GFL's "integral"): Tensor[..., 4] in strides.
+    """The mean of each side's distribution (GFL's "integral"): Tensor[..., 4] in
+    strides.
 
-    ``d = sum_k k * softmax(logits)_k`` over the bins ``k = 0 .. reg_max``, so every distance lies
-    in ``[0, reg_max]``: a decoded box always contains its anchor's centre.
+    ``d = sum_k k * softmax(logits)_k`` over the bins ``k = 0 .. reg_max``, so every
+    distance lies in ``[0, reg_max]``: a decoded box always contains its anchor's
+    centre.
 
     Args:
         box_logits (Tensor[..., 4 * (reg_max + 1)]): side-major bin logits.
     """
     bins = box_logits.shape[-1] // 4
     if bins * 4 != box_logits.shape[-1] or bins < 2:
-        raise ValueError(f"box_logits need 4 * (reg_max + 1) channels; got {box_logits.shape[-1]}")
+        raise ValueError(
+            f"box_logits need 4 * (reg_max + 1) channels; got {box_logits.shape[-1]}",
+        )
     probs = F.softmax(box_logits.float().unflatten(-1, (4, bins)), dim=-1)
     return probs @ torch.arange(bins, dtype=probs.dtype, device=probs.device)
 

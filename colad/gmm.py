@@ -67,37 +67,39 @@ def fit_two_component_gmm(
 ) -> GaussianMixture1D:
     """Fit a two-component 1-D Gaussian mixture to every row at once by EM.
 
-    scikit-learn's semantics (``GaussianMixture(2, weights_init=[.5, .5], means_init=[[min],
-    [max]], precisions_init=[[1], [1]])``): start from weights 1/2, means at the row's smallest and
-    largest value and variances 1; each step is an E-step, the lower bound
-    ``mean_i log p(x_i)``, an M-step; a row stops once its bound changes by less than ``tol``,
-    keeping the parameters of that last M-step. Rows with fewer than two valid samples are not
-    fitted.
+    scikit-learn's semantics (``GaussianMixture(2, weights_init=[.5, .5],
+    means_init=[[min], [max]], precisions_init=[[1], [1]])``): start from weights 1/2,
+    means at the row's smallest and largest value and variances 1; each step is an
+    E-step, the lower bound ``mean_i log p(x_i)``, an M-step; a row stops once its bound
+    changes by less than ``tol``, keeping the parameters of that last M-step. Rows with
+    fewer than two valid samples are not fitted.
 
-    The rows iterate together, with no Python loop over rows. On the CPU, finished rows leave the
-    problem and the loop ends with the last one. On a GPU every row stays (finished ones frozen)
-    and the loop runs ``max_iter`` steps, so that nothing waits for the host.
+    The rows iterate together, with no Python loop over rows. On the CPU, finished rows
+    leave the problem and the loop ends with the last one. On a GPU every row stays
+    (finished ones frozen) and the loop runs ``max_iter`` steps, so that nothing waits
+    for the host.
 
     Args:
         x (Tensor[G, K]): samples; each row sorted ascending over its valid entries.
         valid (Tensor[G, K] bool): which entries are samples; a prefix of each row.
 
     Returns:
-        :class:`GaussianMixture1D`, float64. Component 0 starts at the smallest sample: in PAA it
-        is the foreground.
+        :class:`GaussianMixture1D`, float64. Component 0 starts at the smallest sample:
+        in PAA it is the foreground.
 
     Reference:
         Dempster et al. 1977; ALGORITHMS.md §3.4; chapter {ref}`sec-paa`.
     """
     weight = valid.double()
     x = torch.where(valid, x.double(), 0.0)
-    powers = torch.stack([weight, x, x * x])  # [3, G, K]: the terms of the sufficient statistics
+    # [3, G, K]: the terms of the sufficient statistics
+    powers = torch.stack([weight, x, x * x])
     totals = powers.sum(2)  # [3, G]: n, sum x, sum x^2
     last = (totals[0].long() - 1).clamp(min=0)
     means = torch.stack([x[:, 0], x.gather(1, last[:, None])[:, 0]])
-    # The state is the statistics (N_k, S_k, Q_k) of each component, [3, 2, G], from which
-    # pi_k = N_k / sum N, mu_k = S_k / N_k and v_k = Q_k / N_k - mu_k^2 + reg; the initial state
-    # gives pi = 1/2, mu = (min, max), v = 1.
+    # The state is the statistics (N_k, S_k, Q_k) of each component, [3, 2, G], from
+    # which pi_k = N_k / sum N, mu_k = S_k / N_k and v_k = Q_k / N_k - mu_k^2 + reg; the
+    # initial state gives pi = 1/2, mu = (min, max), v = 1.
     half = torch.full_like(means, 0.5)
     stats = torch.stack([half, means * half, (1.0 - reg_covar + means * means) * half])
     final = stats.clone()  # rows that have finished, on the CPU
@@ -116,7 +118,11 @@ def fit_two_component_gmm(
                 final[:, :, rows] = stats
                 keep = active.nonzero()[:, 0]
                 rows, powers, totals = rows[keep], powers[:, keep], totals[:, keep]
-                stats, bound, inv_count = stats[:, :, keep], bound[keep], inv_count[keep]
+                stats, bound, inv_count = (
+                    stats[:, :, keep],
+                    bound[keep],
+                    inv_count[keep],
+                )
                 active = active[keep]
         new_stats, new_bound = _em_step(stats, powers, totals, inv_count, reg_covar)
         stats = torch.where(active, new_stats, stats)
@@ -137,17 +143,19 @@ def fit_two_component_gmm(
 def _em_step(
     stats: Tensor, powers: Tensor, totals: Tensor, inv_count: Tensor, reg_covar: float
 ) -> tuple[Tensor, Tensor]:
-    """One EM step from the statistics ``[3, 2, G]``: the new statistics and the bound (the mean
-    log-likelihood under the old parameters, as scikit-learn reports it)."""
+    """One EM step from the statistics ``[3, 2, G]``: the new statistics and the bound
+    (the mean log-likelihood under the old parameters, as scikit-learn reports it)."""
     count, sums, squares = stats
     means = sums / count
-    # scikit-learn's "diag" variance; it raises where this is not positive, we floor it instead.
+    # scikit-learn's "diag" variance; it raises where this is not positive, we floor it
+    # instead.
     variances = (squares / count - means * means + reg_covar).clamp(min=reg_covar)
     # log pi_k N(x | mu_k, v_k) = a_k + b_k x + c_k x^2, a quadratic in x.
     b, c = means / variances, -0.5 / variances
     a = torch.log(count / count.sum(0)) - 0.5 * torch.log((2 * math.pi) * variances)
     coef = torch.stack([a - 0.5 * means * b, b, c])  # [3, 2, G]
-    # Responsibilities depend only on d = l_0 - l_1: r_0 = sigmoid(d), r_1 = sigmoid(-d).
+    # Responsibilities depend only on d = l_0 - l_1:
+    # r_0 = sigmoid(d), r_1 = sigmoid(-d).
     weight = powers[0]
     diff = ((coef[:, 0] - coef[:, 1])[..., None] * powers).sum(0)
     resp = torch.sigmoid(torch.stack([diff, -diff])) * weight

@@ -74,7 +74,8 @@ class _COPFuse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cls_logits: Tensor, weight_logits: Tensor) -> Tensor:
-        dtype = torch.promote_types(cls_logits.dtype, torch.float32)  # float16 -> float32
+        # float16 -> float32
+        dtype = torch.promote_types(cls_logits.dtype, torch.float32)
         height, width = cls_logits.shape[-2:]
         # Zero-pad the *logits*: a neighbour outside the image has probability 0.5.
         probs = torch.sigmoid(F.pad(cls_logits.to(dtype), (1, 1, 1, 1)))
@@ -134,12 +135,16 @@ def cop_fuse(cls_logits: Tensor, weight_logits: Tensor) -> Tensor:
     return _COPFuse.apply(cls_logits, weight_logits)
 
 
-def iop_fuse(cls_logits: Tensor, objectness_logits: Tensor, threshold_logits: Tensor) -> Tensor:
+def iop_fuse(
+    cls_logits: Tensor,
+    objectness_logits: Tensor,
+    threshold_logits: Tensor,
+) -> Tensor:
     """Implicit objectness: ``p = ReLU(sigmoid(z) - sigmoid(t)) * sigmoid(o)``.
 
-    A class counts only where its probability clears a learned per-location threshold, and is
-    then scaled by the location's objectness. Where ``sigmoid(z) < sigmoid(t)`` nothing flows
-    back to ``z``, ``t`` or ``o`` for that class.
+    A class counts only where its probability clears a learned per-location threshold,
+    and is then scaled by the location's objectness. Where ``sigmoid(z) < sigmoid(t)``
+    nothing flows back to ``z``, ``t`` or ``o`` for that class.
 
     Args:
         cls_logits (Tensor[B, C, H, W]): class logits ``z``.

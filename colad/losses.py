@@ -191,10 +191,11 @@ def focal_kl(logits: Tensor, targets: Tensor, gamma: float = 0.5) -> Tensor:
 
         ((t - p)^2 + 1e-6)^(gamma / 2) * [t log(t / p) + (1 - t) log((1 - t) / (1 - p))]
 
-    the KL divergence of two Bernoulli distributions, weighted (without detaching) by how far the
-    prediction is from the target, as the focal loss weights the cross-entropy. There is no
-    temperature. Terms with ``t = 0`` or ``t = 1`` contribute their ``0 log 0 = 0`` part, so for
-    one-hot targets this is the focal loss without its ``alpha`` balance.
+    the KL divergence of two Bernoulli distributions, weighted (without detaching) by
+    how far the prediction is from the target, as the focal loss weights the
+    cross-entropy. There is no temperature. Terms with ``t = 0`` or ``t = 1``
+    contribute their ``0 log 0 = 0`` part, so for one-hot targets this is the focal
+    loss without its ``alpha`` balance.
 
     Args:
         logits (Tensor[...]): the student's logits.
@@ -378,17 +379,23 @@ def distribution_focal_loss(logits: Tensor, targets: Tensor) -> Tensor:
              + weight_right * log_probs.gather(1, left[:, None] + 1)[:, 0])  # fmt: skip
 
 
-def distribution_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """LD's distillation loss of each row: ``T^2 / K * KL(softmax(t / T) || softmax(s / T))``.
+def distribution_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+) -> Tensor:
+    """LD's distillation loss of each row:
+    ``T^2 / K * KL(softmax(t / T) || softmax(s / T))``.
 
     Both rows are softened by the temperature ``T``; the student's row ``s`` learns the
-    teacher's ``t`` (detached), one box side's ``K`` bins at a time. ``T^2`` keeps the gradient's
-    size independent of ``T`` (Hinton et al.), and the mean over the ``K`` bins is the reference's
-    normalisation. Teacher bins of probability 0 contribute 0.
+    teacher's ``t`` (detached), one box side's ``K`` bins at a time. ``T^2`` keeps the
+    gradient's size independent of ``T`` (Hinton et al.), and the mean over the ``K``
+    bins is the reference's normalisation. Teacher bins of probability 0 contribute 0.
 
     Args:
         student_logits (Tensor[N, K]): the student's bin logits.
-        teacher_logits (Tensor[N, K]): the teacher's, same shape (no gradient flows to them).
+        teacher_logits (Tensor[N, K]): the teacher's, same shape (no gradient flows to
+            them).
         temperature: ``T >= 1`` (10 in LD).
 
     Returns:
@@ -398,13 +405,18 @@ def distribution_kl(student_logits: Tensor, teacher_logits: Tensor, temperature:
         Zheng et al., CVPR 2022 (LD); ALGORITHMS.md §16.8.2.
     """
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
-        raise ValueError(f"distribution_kl: student {tuple(student_logits.shape)} and teacher "
-                         f"{tuple(teacher_logits.shape)} must be the same [N, K]")  # fmt: skip
+        raise ValueError(
+            f"distribution_kl: student {tuple(student_logits.shape)} and teacher "
+            f"{tuple(teacher_logits.shape)} must be the same [N, K]"
+        )
     if not temperature >= 1:
-        raise ValueError(f"distribution_kl: temperature {temperature} must be at least 1")
+        raise ValueError(
+            f"distribution_kl: temperature {temperature} must be at least 1",
+        )
     log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
     teacher = log_teacher.exp()
-    # p_t (log p_t - log p_s), exactly 0 for equal rows, and 0 where p_t underflows to 0.
+    # p_t (log p_t - log p_s), exactly 0 for equal rows, and 0 where p_t underflows
+    # to 0.
     kl = torch.where(teacher > 0, teacher * (log_teacher - log_student), 0.0)
     return temperature**2 * kl.mean(dim=1)

@@ -111,18 +111,20 @@ def max_iou_assign(
 ) -> Tensor:
     """Give each anchor to the object it overlaps most (mmdet's ``MaxIoUAssigner``).
 
-    1. An anchor whose best IoU is ``>= pos_iou_thr`` matches that object; below ``neg_iou_thr``
-       it is background; in between it is ignored.
-    2. With ``match_low_quality``, every anchor that ties for an object's best IoU goes to that
-       object (the later object wins a shared anchor), so no object is left without anchors. An
-       object that overlaps no anchor at all takes nothing (the guard of ALGORITHMS.md §3.1).
+    1. An anchor whose best IoU is ``>= pos_iou_thr`` matches that object; below
+       ``neg_iou_thr`` it is background; in between it is ignored.
+    2. With ``match_low_quality``, every anchor that ties for an object's best IoU goes
+       to that object (the later object wins a shared anchor), so no object is left
+       without anchors. An object that overlaps no anchor at all takes nothing (the
+       guard of ALGORITHMS.md §3.1).
 
     PAA uses ``0.1 / 0.1``; RetinaNet's rule is ``0.5 / 0.4``.
 
     Args:
         anchors (Tensor[A, 4]): xyxy.
         valid (Tensor[B, A] bool): from :func:`colad.anchors.valid_mask`.
-        gt_boxes (Tensor[B, M, 4]), gt_mask (Tensor[B, M] bool): from :func:`pad_targets`.
+        gt_boxes (Tensor[B, M, 4]), gt_mask (Tensor[B, M] bool): from
+            :func:`pad_targets`.
 
     Returns:
         Tensor[B, A] long: ``matched_idxs``.
@@ -161,16 +163,18 @@ def anchor_costs(
     gamma: float = 2.0,
     probabilities: bool = False,
 ) -> Tensor:
-    """The PAA anchor cost ``c_i = sum_k FL(p_i^k, y^k) + lambda * (1 - GIoU(b_i, B_g))``.
+    """The PAA anchor cost
+    ``c_i = sum_k FL(p_i^k, y^k) + lambda * (1 - GIoU(b_i, B_g))``.
 
-    ``exp(-c_i)`` is the PAA score: the classification score times the localisation score to the
-    power ``lambda``. The focal term sums over **all** classes, the other classes contributing
-    their negative terms. Computed without gradient: costs only rank anchors.
+    ``exp(-c_i)`` is the PAA score: the classification score times the localisation
+    score to the power ``lambda``. The focal term sums over **all** classes, the other
+    classes contributing their negative terms. Computed without gradient: costs only
+    rank anchors.
 
     Args:
-        cls_scores (Tensor[B, A, C]), bbox_regression (Tensor[B, A, 4]): head outputs; class
-            logits, or probabilities (IOP, COP heads) with ``probabilities=True``, whose focal
-            term is then :func:`colad.losses.prob_focal`.
+        cls_scores (Tensor[B, A, C]), bbox_regression (Tensor[B, A, 4]): head outputs;
+            class logits, or probabilities (IOP, COP heads) with ``probabilities=True``,
+            whose focal term is then :func:`colad.losses.prob_focal`.
         anchors (Tensor[A, 4]): xyxy.
         matched_idxs (Tensor[B, A] long): the pre-assignment of :func:`max_iou_assign`.
         gt_boxes (Tensor[B, M, 4]), gt_labels (Tensor[B, M]): the objects.
@@ -258,7 +262,9 @@ def split_candidates(costs: Tensor, valid: Tensor) -> Tensor:
 def _split(costs: Tensor, valid: Tensor) -> tuple[Tensor, GaussianMixture1D]:
     """:func:`split_candidates` and the fitted mixtures."""
     if costs.shape != valid.shape or costs.dim() != 2:
-        raise ValueError(f"costs {tuple(costs.shape)} and valid {tuple(valid.shape)}: need [G, K]")
+        raise ValueError(
+            f"costs {tuple(costs.shape)} and valid {tuple(valid.shape)}: need [G, K]",
+        )
     valid = valid.bool()
     masked = torch.where(valid, costs.double(), math.inf)
     x, order = masked.sort(dim=1, stable=True)

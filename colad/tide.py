@@ -108,16 +108,17 @@ def tide_errors(
 
     Returns:
         ``{"AP50": float, "main": {"Cls", "Loc", "Both", "Dupe", "Bkg", "Miss"},
-        "special": {"FalsePos", "FalseNeg"}}``: TIDE's AP at ``pos_threshold`` and the dAP of
-        each error type, all on tidecv's 0-100 scale. Crowd annotations are ignore regions, as in
-        tidecv's COCO loader. Ground truth with no objects gives AP50 0 and no errors.
+        "special": {"FalsePos", "FalseNeg"}}``: TIDE's AP at ``pos_threshold`` and the
+        dAP of each error type, all on tidecv's 0-100 scale. Crowd annotations are
+        ignore regions, as in tidecv's COCO loader. Ground truth with no objects gives
+        AP50 0 and no errors.
 
     Raises:
         DatasetError: malformed ground truth or detections.
 
     Reference:
-        Bolya et al., "TIDE: A General Toolbox for Identifying Object Detection Errors", ECCV 2020;
-        chapter ``sec-benchmark``.
+        Bolya et al., "TIDE: A General Toolbox for Identifying Object Detection Errors",
+        ECCV 2020; chapter ``sec-benchmark``.
     """
     from tidecv import TIDE
     from tidecv.errors.main_errors import FalseNegativeError, FalsePositiveError
@@ -132,13 +133,18 @@ def tide_errors(
     ap = _mean_ap(run.ap_data)
 
     main = {}
-    for error_type in TIDE._error_types:  # fix one error type at a time (not progressively)
+    # fix one error type at a time (not progressively)
+    for error_type in TIDE._error_types:
         fixed = run.fix_errors(lambda e, t=error_type: isinstance(e, t))
         main[error_type.short_name] = max(_mean_ap(fixed) - ap, 0.0)
     special = {
-        FalsePositiveError.short_name: _mean_ap(run.fix_errors(transform=FalsePositiveError.fix))
+        FalsePositiveError.short_name: _mean_ap(
+            run.fix_errors(transform=FalsePositiveError.fix),
+        )
         - ap,
-        FalseNegativeError.short_name: _mean_ap(run.fix_errors(false_neg_dict=run.false_negatives))
+        FalseNegativeError.short_name: _mean_ap(
+            run.fix_errors(false_neg_dict=run.false_negatives),
+        )
         - ap,
     }
     return {
