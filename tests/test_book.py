@@ -160,14 +160,15 @@ def test_a_busy_cpu_gives_chapters_only_the_free_cores(monkeypatch):
     monkeypatch.delenv("COLAD_CHAPTER", raising=False)  # restored after the test
     monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    colad_book._enter_chapter(None, "paa", [])
+    colad_book._enter_chapter(None, "paa", ["```{code-cell} ipython3"])
     assert os.environ["OMP_NUM_THREADS"] == "1"
     monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
-    colad_book._enter_chapter(None, "lad", [])  # the sweep ended: every core again
+    # the sweep ended: every core again
+    colad_book._enter_chapter(None, "lad", ["```{code-cell} ipython3"])
     assert "OMP_NUM_THREADS" not in os.environ
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the reader's own setting is kept
     monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
-    colad_book._enter_chapter(None, "ld", [])
+    colad_book._enter_chapter(None, "ld", ["```{code-cell} ipython3"])
     assert os.environ["OMP_NUM_THREADS"] == "3"
 
 

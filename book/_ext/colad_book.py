@@ -85,7 +85,8 @@ def _share_the_cpu(docname: str) -> None:
 def _enter_chapter(app, docname: str, source: list[str]) -> None:
     # read before the chapter is parsed and executed: its kernel inherits the variables
     os.environ["COLAD_CHAPTER"] = f"{docname}@{time.time_ns()}"
-    _share_the_cpu(docname)
+    if "{code-cell}" in "".join(source):  # a page that executes
+        _share_the_cpu(docname)
 
 
 #: The page that describes the build: read again by every build, and after every chapter.
