@@ -66,8 +66,8 @@ def _library_object(path: Path, name: str) -> list[str]:
 
 
 def test_listings_fit_the_column():
-    """Code a reader sees (visible code cells and library listings) keeps lines to 88
-    characters, so that no listing scrolls sideways."""
+    """Code a reader sees (visible code cells, command blocks and library listings) keeps lines
+    to 88 characters, which the book's stylesheet fits in the column of a 1280-pixel window."""
     wide = []
     for chapter in sorted(BOOK.glob("*.md")):
         text = chapter.read_text()
@@ -76,6 +76,9 @@ def test_listings_fit_the_column():
                 continue
             code = cell.split("\n---\n", 1)[1] if cell.startswith("---") else cell
             wide += [f"{chapter.name}: {line}" for line in code.splitlines()
+                     if len(line) > LISTING_WIDTH]  # fmt: skip
+        for block in re.findall(r"```(?:bash|text|python)\n(.*?)\n```", text, flags=re.S):
+            wide += [f"{chapter.name}: {line}" for line in block.splitlines()
                      if len(line) > LISTING_WIDTH]  # fmt: skip
         for source, name in re.findall(r"```\{literalinclude\} (\S+)\n:pyobject: (\S+)", text):
             lines = _library_object((BOOK / source).resolve(), name)
@@ -268,6 +271,12 @@ def test_every_page_reads_well_in_a_real_browser(served_book):
                     problems.append(f"{name}: image without alt text {src}")
                 elif alt.endswith((".png", ".svg", ".jpg")) or alt == src:
                     problems.append(f"{name}: image whose alt text is its file name {src}")
+            scrolling = page.eval_on_selector_all(  # listings (not outputs) fit the column
+                "main div.highlight pre",
+                "els => els.filter(e => !e.closest('.cell_output') && "
+                "e.scrollWidth > e.clientWidth + 1).map(e => e.innerText.slice(0, 60))",
+            )  # fmt: skip
+            problems += [f"{name}: listing wider than the column: {t!r}" for t in scrolling]
             errors = page.locator("main .output.error, main .output.traceback").count()
             if errors:
                 problems.append(f"{name}: {errors} error output(s)")
