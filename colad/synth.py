@@ -61,10 +61,11 @@ _SPLITS = {"train": 0, "val": 1}
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """Parameters of the generated benchmark; the cache folder is keyed by a hash of them.
+    """Parameters of the generated benchmark; the cache folder is keyed by a hash of
+    them.
 
-    Ranges are ``(low, high)``, inclusive for counts. Object size is the square root of the
-    object's box area before occlusion, in pixels, drawn log-uniformly.
+    Ranges are ``(low, high)``, inclusive for counts. Object size is the square root of
+    the object's box area before occlusion, in pixels, drawn log-uniformly.
     """
 
     name: str = "shapes"
@@ -74,10 +75,14 @@ class SynthConfig:
     image_size: tuple[int, int] = (128, 192)  # each side drawn uniformly in this range
     objects_per_image: tuple[int, int] = (1, 8)
     object_size: tuple[float, float] = (8.0, 96.0)
-    aspect_ratio: tuple[float, float] = (0.7, 1.4)  # width / height of every class but ``bar``
-    bar_aspect_ratio: tuple[float, float] = (3.0, 6.0)  # long side / short side of a ``bar``
-    min_visible: float = 0.5  # fraction of its in-image pixels an annotated object keeps visible
-    max_truncation: float = 0.25  # fraction of an object's box that may fall outside the image
+    # width / height of every class but ``bar``
+    aspect_ratio: tuple[float, float] = (0.7, 1.4)
+    # long side / short side of a ``bar``
+    bar_aspect_ratio: tuple[float, float] = (3.0, 6.0)
+    # fraction of its in-image pixels an annotated object keeps visible
+    min_visible: float = 0.5
+    # fraction of an object's box that may fall outside the image
+    max_truncation: float = 0.25
     hue_jitter: float = 0.05  # uniform jitter around each class hue
     distractors_per_image: tuple[int, int] = (0, 4)
     clutter_lines: tuple[int, int] = (2, 10)
@@ -95,19 +100,30 @@ class SynthConfig:
         ):
             low, high = getattr(self, field)
             if low > high or low < 0:
-                raise ValueError(f"SynthConfig.{field}={(low, high)}: need 0 <= low <= high")
+                raise ValueError(
+                    f"SynthConfig.{field}={(low, high)}: need 0 <= low <= high",
+                )
         if self.num_train < 0 or self.num_val < 0:
             raise ValueError("SynthConfig: num_train and num_val must be >= 0")
         if self.image_size[0] < 16:
-            raise ValueError(f"SynthConfig.image_size={self.image_size}: sides below 16 px")
+            raise ValueError(
+                f"SynthConfig.image_size={self.image_size}: sides below 16 px",
+            )
         if not 0.0 < self.min_visible <= 1.0:
-            raise ValueError(f"SynthConfig.min_visible={self.min_visible}: need 0 < x <= 1")
+            raise ValueError(
+                f"SynthConfig.min_visible={self.min_visible}: need 0 < x <= 1",
+            )
         if not 0.0 <= self.max_truncation < 1.0:
-            raise ValueError(f"SynthConfig.max_truncation={self.max_truncation}: need 0 <= x < 1")
+            raise ValueError(
+                f"SynthConfig.max_truncation={self.max_truncation}: need 0 <= x < 1",
+            )
 
     def key(self) -> str:
-        """Return the cache key: a hash of the parameters and of this module's source."""
-        digest = hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode())
+        """Return the cache key: a hash of the parameters and of this module's
+        source."""
+        digest = hashlib.sha1(
+            json.dumps(dataclasses.asdict(self), sort_keys=True).encode(),
+        )
         digest.update(Path(__file__).read_bytes())
         return digest.hexdigest()[:10]
 
