@@ -192,7 +192,9 @@ def results_markdown(profile: str = "quick") -> str:
         f"`{profile}` book reads (`python -m colad sweep book --profile {profile}` trains them; "
         f"generated at commit {_git('rev-parse', '--short=10', 'HEAD') or 'unknown'}; "
         f"{', '.join(devices) or 'device not recorded'}). AP is COCO's, on 0-1, on the "
-        "generated benchmark's validation images; mean ± sample std over the seeds.",
+        "generated benchmark's validation images; mean ± sample std over the seeds. A backbone "
+        "appears at several widths (the small and the big network of the distillation "
+        "chapters share `tiny`); each experiment's chapter gives its network.",
         "",
         "| experiment | backbone | network | seeds | AP | AP50 | training s / run |",
         "|---|---|---|---:|---:|---:|---:|",
