@@ -271,7 +271,9 @@ def test_every_page_reads_well_in_a_real_browser(served_book):
                     problems.append(f"{name}: image without alt text {src}")
                 elif alt.endswith((".png", ".svg", ".jpg")) or alt == src:
                     problems.append(f"{name}: image whose alt text is its file name {src}")
-            scrolling = page.eval_on_selector_all(  # listings (not outputs) fit the column
+            # listings (not outputs) fit the column, folded ones too once the reader opens them
+            page.evaluate("() => document.querySelectorAll('details').forEach(d => d.open = true)")
+            scrolling = page.eval_on_selector_all(
                 "main div.highlight pre",
                 "els => els.filter(e => !e.closest('.cell_output') && "
                 "e.scrollWidth > e.clientWidth + 1).map(e => e.innerText.slice(0, 60))",
