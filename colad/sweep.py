@@ -13,20 +13,25 @@ the students that need it, so that parallel jobs never train one teacher twice.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import multiprocessing
 import os
 import statistics
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 
 from colad import config, engine, status
 from colad.config import Experiment
 
 __all__ = [
     "plan", "Sweep", "sweep", "book_plan", "sweep_book", "summarize", "beside_paper", "mean_std",
-    "compare",
+    "compare", "cache_path", "cached",
 ]  # fmt: skip
 
 
@@ -411,3 +416,37 @@ def compare(rows: Sequence[dict], method: str, baseline: str, *, metric: str = "
     gain, se = statistics.fmean(a) - statistics.fmean(b), math.sqrt(var)
     return {"method": method, "baseline": baseline, "gain": gain, "se": se,
             "beyond_noise": abs(gain) > 2 * se and se > 0, "seeds": (len(a), len(b))}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Results derived from runs (TIDE analyses, FLOP counts): computed once, kept beside the runs
+
+
+def cache_path(kind: str, parts) -> Path:
+    """``<data root>/cache/<kind>/<key>.json``, the key a hash of ``parts`` (json-serialisable:
+    everything the cached value depends on, code and input contents included)."""
+    key = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return config.data_root() / "cache" / kind / f"{key}.json"
+
+
+def cached(kind: str, parts, compute: Callable[[], object], *, valid=None):
+    """``compute()``, kept in :func:`cache_path` and read from there by later calls with the
+    same ``parts``. A file that is unreadable, not json, or refused by ``valid`` is computed
+    again; the file is replaced atomically, so concurrent callers never read half of one. A
+    data root that cannot be written gets a warning, and the value is still returned."""
+    file = cache_path(kind, parts)
+    try:
+        value = json.loads(file.read_text())
+        if valid is None or valid(value):
+            return value
+    except (OSError, ValueError):
+        pass
+    value = compute()
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=file.parent, suffix=".tmp", delete=False) as f:
+            json.dump(value, f)
+        os.replace(f.name, file)
+    except OSError as error:
+        warnings.warn(f"{kind} not cached in {file.parent}: {error}", stacklevel=2)
+    return value

@@ -22,6 +22,7 @@ so ground truth and detections are passed in memory.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ __all__ = [
     "classify_detections",
     "error_examples",
     "summarize_errors",
+    "cache_file",
 ]
 
 #: tidecv counts at most this many detections per image, the highest-scored (as COCO does).
@@ -97,6 +99,7 @@ def tide_errors(
     *,
     pos_threshold: float = 0.5,
     background_threshold: float = 0.1,
+    cache: bool = False,
 ) -> dict:
     """Break the AP a detector loses down by error type, with tidecv.
 
@@ -105,6 +108,10 @@ def tide_errors(
         detections: a COCO results json path or a list of result dicts (xywh boxes).
         pos_threshold: IoU at which a detection counts as a true positive.
         background_threshold: IoU below which a false positive counts as background.
+        cache: keep the analysis in ``<data root>/cache/tide`` and read it from
+            there next time (both inputs must then be files; see
+            :func:`cache_file`). One analysis serves this function and
+            :func:`classify_detections`.
 
     Returns:
         ``{"AP50": float, "main": {"Cls", "Loc", "Both", "Dupe", "Bkg", "Miss"},
@@ -115,15 +122,24 @@ def tide_errors(
 
     Raises:
         DatasetError: malformed ground truth or detections.
+        ValueError: ``cache`` with ground truth or detections that are not files.
 
     Reference:
         Bolya et al., "TIDE: A General Toolbox for Identifying Object Detection Errors",
         ECCV 2020; chapter ``sec-benchmark``.
     """
+    thresholds = (pos_threshold, background_threshold)
+    if cache:
+        return _cached_analysis(gt, detections, thresholds)["errors"]
+    run, _, num_objects = _evaluate(gt, detections, *thresholds)
+    return _errors(run, num_objects)
+
+
+def _errors(run, num_objects: int) -> dict:
+    """The dAP of every error type in one tidecv run (:func:`tide_errors`' result)."""
     from tidecv import TIDE
     from tidecv.errors.main_errors import FalseNegativeError, FalsePositiveError
 
-    run, _, num_objects = _evaluate(gt, detections, pos_threshold, background_threshold)
     if num_objects == 0:
         return {
             "AP50": 0.0,
@@ -206,6 +222,7 @@ def classify_detections(
     *,
     pos_threshold: float = 0.5,
     background_threshold: float = 0.1,
+    cache: bool = False,
 ) -> Verdicts:
     """Which of TIDE's bins each detection falls in, from the same tidecv run as
     :func:`tide_errors` (so the counts here are the errors whose dAP it reports).
@@ -220,9 +237,19 @@ def classify_detections(
 
     Args and raises: as :func:`tide_errors`.
     """
+    thresholds = (pos_threshold, background_threshold)
+    if cache:
+        found = _cached_analysis(gt, detections, thresholds)
+        results = list(load_detections(detections, load_ground_truth(gt)))
+        # the key holds the file's contents, so the verdicts are in the order of ``results``
+        return Verdicts(results, found["kinds"], found["objects"], found["missed"])
+    return _verdicts(*_evaluate(gt, detections, *thresholds)[:2])
+
+
+def _verdicts(run, results: list[dict]) -> Verdicts:
+    """Each detection's verdict in one tidecv run (:func:`classify_detections`' result)."""
     from tidecv.errors.main_errors import DuplicateError, MissedError
 
-    run, results, _ = _evaluate(gt, detections, pos_threshold, background_threshold)
     kinds = ["unscored"] * len(results)
     objects: list[dict | None] = [None] * len(results)
     missed: list[dict] = []
@@ -270,6 +297,76 @@ def error_examples(verdicts: Verdicts, kinds: Sequence[str] = MAIN_ERRORS) -> di
                 "object": verdicts.objects[best],
             }
     return found
+
+
+# ----------------------------------------------------------------------------------------------
+# The analysis cache: tidecv takes seconds per run, and the book reads the same runs every build
+
+
+def _file_sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache_parts(gt, detections, thresholds: tuple[float, float]) -> list:
+    from importlib.metadata import version
+
+    for what, value in (("ground truth", gt), ("detections", detections)):
+        if not isinstance(value, str | Path) or not Path(value).is_file():
+            raise ValueError(
+                f"cache=True needs the {what} as a file; got {type(value).__name__} "
+                f"{str(value)[:80]!r}"
+            )
+    return [
+        _file_sha1(Path(__file__)),
+        version("tidecv"),
+        [float(t) for t in thresholds],
+        _file_sha1(Path(gt)),
+        _file_sha1(Path(detections)),
+    ]
+
+
+def cache_file(
+    gt: str | Path,
+    detections: str | Path,
+    thresholds: tuple[float, float] = (0.5, 0.1),
+) -> Path:
+    """Where ``cache=True`` keeps the analysis of ``detections`` against ``gt``:
+    ``<data root>/cache/tide/<key>.json``. The key hashes the contents of both files, the
+    ``(pos_threshold, background_threshold)`` pair, this module's source and tidecv's version,
+    so an edited file, other thresholds or other analysis code give a new key.
+
+    Raises:
+        ValueError: ``gt`` or ``detections`` is not a file.
+    """
+    from .sweep import cache_path
+
+    return cache_path("tide", _cache_parts(gt, detections, thresholds))
+
+
+_ANALYSIS = ("errors", "kinds", "objects", "missed")
+
+
+def _cached_analysis(gt, detections, thresholds: tuple[float, float]) -> dict:
+    """``{"errors", "kinds", "objects", "missed"}`` of one tidecv run, read from
+    :func:`cache_file` when it holds them, else computed and stored there."""
+    from .sweep import cached
+
+    def analyse() -> dict:
+        run, results, num_objects = _evaluate(gt, detections, *thresholds)
+        verdicts = _verdicts(run, results)
+        return {"errors": _errors(run, num_objects), "kinds": verdicts.kinds,
+                "objects": verdicts.objects, "missed": verdicts.missed}  # fmt: skip
+
+    return cached(
+        "tide",
+        _cache_parts(gt, detections, thresholds),
+        analyse,
+        valid=lambda found: isinstance(found, dict) and set(_ANALYSIS) <= found.keys(),
+    )
 
 
 # ----------------------------------------------------------------------------------------------

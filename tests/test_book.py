@@ -161,18 +161,99 @@ def test_a_busy_cpu_gives_chapters_only_the_free_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv(colad_book._OWN_THREADS, raising=False)
     monkeypatch.delenv("COLAD_CHAPTER", raising=False)  # restored after the test
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    monkeypatch.setattr(colad_book, "busy_cores", lambda: 3.0)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     colad_book._enter_chapter(None, "paa", ["```{code-cell} ipython3"])
     assert os.environ["OMP_NUM_THREADS"] == "1"
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr(colad_book, "busy_cores", lambda: 0.1)
     # the sweep ended: every core again
     colad_book._enter_chapter(None, "lad", ["```{code-cell} ipython3"])
     assert "OMP_NUM_THREADS" not in os.environ
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the reader's own setting is kept
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    monkeypatch.setattr(colad_book, "busy_cores", lambda: 3.0)
     colad_book._enter_chapter(None, "ld", ["```{code-cell} ipython3"])
     assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
+def test_how_many_chapters_execute_at_once(monkeypatch):
+    monkeypatch.syspath_prepend(str(BOOK / "_ext"))
+    import colad_book
+
+    assert colad_book.jobs_for("quick", 2, 0.1) == 2  # idle: one chapter per core
+    assert colad_book.jobs_for(None, 16, 0.0) == colad_book.MAX_JOBS
+    assert colad_book.jobs_for("smoke", 2, 1.8) == 1  # a sweep beside the build: one at a time
+    assert colad_book.jobs_for("full", 16, 0.0) == 1  # chapters may train on the one GPU
+    assert colad_book.jobs_for("full", 16, 0.0, "3") == 3  # the reader's setting wins
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ValueError, match="COLAD_BOOK_JOBS"):
+            colad_book.jobs_for("quick", 2, 0.0, bad)
+    assert 0 <= colad_book.busy_cores(0.05) <= os.cpu_count()
+
+
+_MINI_CHAPTER = """---
+jupytext:
+  text_representation:
+    extension: .md
+    format_name: myst
+kernelspec:
+  name: python3
+  display_name: Python 3
+---
+
+# {title}
+
+```{{code-cell}} ipython3
+import os
+print("{title}", os.environ["COLAD_CHAPTER"].split("@")[0], os.environ.get("OMP_NUM_THREADS"))
+{extra}
+```
+"""
+
+
+@pytest.mark.book
+@pytest.mark.slow
+def test_chapters_execute_together_and_a_failure_fails_the_build(tmp_path):
+    """Chapters executed ahead, two at a time, land in the execution cache where Sphinx's read
+    finds them; a chapter that raises fails the build and is named."""
+    book = tmp_path / "book"
+    shutil.copytree(BOOK / "_ext", book / "_ext")
+    (book / "_config.yml").write_text(
+        "title: mini\nexecute:\n  execute_notebooks: cache\n"
+        "sphinx:\n  local_extensions:\n    colad_book: _ext/\n"
+        "  config:\n    nb_execution_raise_on_error: true\n"
+    )
+    (book / "_toc.yml").write_text(
+        "format: jb-book\nroot: intro\nchapters:\n- file: one\n- file: two\n- file: three\n"
+    )
+    (book / "intro.md").write_text("# Intro\n\nNo code here.\n")
+    for name in ("one", "two"):
+        (book / f"{name}.md").write_text(_MINI_CHAPTER.format(title=name, extra=""))
+    (book / "three.md").write_text(
+        _MINI_CHAPTER.format(title="three", extra='raise RuntimeError("chapter three broke")')
+    )
+    env = {**os.environ, "COLAD_PROFILE": "smoke", "COLAD_BOOK_JOBS": "2",
+           "COLAD_DATA": str(tmp_path / "data")}  # fmt: skip
+    env.pop("OMP_NUM_THREADS", None)
+    command = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(book)]
+
+    def build():
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    returncode, log = build()
+    assert returncode != 0, log
+    assert "executing 3 chapters, 2 at a time" in log, log
+    assert "three FAILED" in log and "chapter three broke" in log, log
+    assert "executing failed: three" in log, log
+    assert "one executed" in log and "two executed" in log, log
+
+    # mended, the build reads one and two from the cache and executes only three
+    (book / "three.md").write_text(_MINI_CHAPTER.format(title="three", extra=""))
+    returncode, log = build()
+    assert returncode == 0, log
+    assert "one executed" not in log and "two executed" not in log, log
+    html = (book / "_build" / "html" / "one.html").read_text()
+    assert "one one 1" in html  # its own chapter name, and one thread of two cores' share
 
 
 def test_the_chapters_time_limit_follows_the_profile(monkeypatch):

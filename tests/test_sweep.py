@@ -155,3 +155,30 @@ def test_sweep_book_plans_each_chapter_run_once_and_takes_no_other_options(capsy
     assert {"paa", "lad", "colad", "ld", "gfl", "paa-cop"} <= names
     assert main(["sweep", "book", "lad"]) == 2
     assert "no other names" in capsys.readouterr().err
+
+
+def test_cached_computes_once_per_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLAD_DATA", str(tmp_path))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    assert sweep.cached("demo", ["a", 1], compute) == {"value": 1}
+    assert sweep.cached("demo", ["a", 1], compute) == {"value": 1}  # read back
+    assert sweep.cached("demo", ["a", 2], compute) == {"value": 2}  # another key
+    assert sweep.cache_path("demo", ["a", 1]).parent == tmp_path / "cache" / "demo"
+    # a stored value the caller refuses is computed again and replaced
+    refuse_one = lambda v: v["value"] != 1  # noqa: E731
+    assert sweep.cached("demo", ["a", 1], compute, valid=refuse_one) == {"value": 3}
+    assert sweep.cached("demo", ["a", 1], compute) == {"value": 3}
+    assert not list((tmp_path / "cache" / "demo").glob("*.tmp"))
+
+
+def test_cached_warns_when_the_root_cannot_be_written(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("COLAD_DATA", str(blocker))  # cache/ cannot be made under a file
+    with pytest.warns(UserWarning, match="not cached"):
+        assert sweep.cached("demo", ["x"], lambda: 7) == 7

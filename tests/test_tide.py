@@ -13,6 +13,7 @@ from colad.evaluate import coco_evaluate, handmade_detections
 from colad.tide import (
     MAIN_ERRORS,
     SPECIAL_ERRORS,
+    cache_file,
     classify_detections,
     error_examples,
     summarize_errors,
@@ -246,3 +247,37 @@ def test_summarize_errors_over_seeds():
     assert caps[loc][:, 1].tolist() == pytest.approx([7.0 - 2**0.5, 7.0 + 2**0.5])
     cls = MAIN_ERRORS.index("Cls")  # mean 1, std 1.41: the whisker stops at 0 below
     assert caps[cls][:, 1].tolist() == pytest.approx([0.0, 1.0 + 2**0.5])
+
+
+def test_cached_analysis_is_reused_and_follows_the_files(smoke_bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLAD_DATA", str(tmp_path / "root"))
+    ann = smoke_bench.ann_file("val")
+    dets_file = tmp_path / "detections.json"
+    dets_file.write_text(json.dumps(handmade_detections(ann, "jittered", seed=1)))
+    fresh = tide_errors(ann, dets_file)
+    cached = tide_errors(ann, dets_file, cache=True)
+    stored = cache_file(ann, dets_file)
+    assert cached == fresh and stored.is_file()
+    assert classify_detections(ann, dets_file, cache=True) == classify_detections(ann, dets_file)
+
+    # a second call reads the file: doctor it and the doctored value comes back
+    doctored = json.loads(stored.read_text())
+    doctored["errors"]["AP50"] = -1.0
+    stored.write_text(json.dumps(doctored))
+    assert tide_errors(ann, dets_file, cache=True)["AP50"] == -1.0
+
+    # other detections or other thresholds: another key; a damaged file is analysed again
+    dets_file.write_text(json.dumps(handmade_detections(ann, "missing", seed=1)))
+    assert cache_file(ann, dets_file) != stored
+    assert cache_file(ann, dets_file, (0.75, 0.1)) != cache_file(ann, dets_file)
+    cache_file(ann, dets_file).write_text('{"errors": ')
+    assert tide_errors(ann, dets_file, cache=True) == tide_errors(ann, dets_file)
+
+
+def test_cache_needs_files(smoke_bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLAD_DATA", str(tmp_path))
+    ann = smoke_bench.ann_file("val")
+    with pytest.raises(ValueError, match="detections as a file"):
+        tide_errors(ann, handmade_detections(ann, "perfect"), cache=True)
+    with pytest.raises(ValueError, match="ground truth as a file"):
+        classify_detections(tmp_path / "missing.json", ann, cache=True)

@@ -16,12 +16,23 @@ beside the build), it gives the chapter's kernel only the cores left free (``OMP
 because PyTorch's threads competing with busy cores slow a chapter far more than the share of
 cores it loses (a 25 s smoke chapter beside a two-job sweep on two cores hit its 600 s limit).
 A thread count set by the reader is left alone.
+
+Chapters that must execute run several at a time, before Sphinx reads them one by one: on a
+multi-core CPU most of a chapter's time is single-threaded (starting its kernel, importing
+PyTorch, reading runs, tidecv), so two chapters at once on two cores take about half the time.
+Each is executed exactly as myst-nb would and stored in its execution cache, where Sphinx's read
+then finds it. ``$COLAD_BOOK_JOBS`` sets how many at once; by default, the cores the load leaves
+free (at most four), and one in the ``full`` profile, where chapters may train on the one GPU.
 """
 
 from __future__ import annotations
 
+import math
+import multiprocessing
 import os
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 #: Seconds a chapter may execute, by profile (-1: no limit).
@@ -46,10 +57,35 @@ def _start_run_log(app) -> None:
     os.environ["COLAD_RUN_LOG"] = str(Path(app.outdir).parent / "colad-runs.jsonl")
 
 
+def busy_cores(window: float = 0.25) -> float | None:
+    """How many cores' worth of work the machine is doing now: measured from ``/proc/stat``
+    over ``window`` seconds on Linux (the build itself sleeps meanwhile), else the one-minute
+    load average (which lags: it still counts the previous minute's chapters); ``None`` when
+    neither can be read."""
+    try:
+        first = _cpu_times()
+        time.sleep(window)
+        second = _cpu_times()
+        total = sum(second) - sum(first)
+        idle = (second[3] + second[4]) - (first[3] + first[4])  # idle and iowait
+        return (os.cpu_count() or 1) * (1 - idle / total) if total > 0 else 0.0
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except (OSError, AttributeError):  # not available on this platform
+            return None
+
+
+def _cpu_times() -> list[int]:
+    """The machine's CPU time counters (user, nice, system, idle, iowait, ...) in ticks."""
+    with open("/proc/stat") as f:
+        return [int(v) for v in f.readline().split()[1:]]
+
+
 def threads_for(load: float, cores: int) -> int | None:
     """The threads a chapter should use when other work already loads the CPU: the ``cores``
-    left free by ``load`` (the one-minute load average, rounded), at least one; ``None``
-    (PyTorch's default, every core) when less than one core's worth is busy."""
+    left free by ``load`` (:func:`busy_cores`, rounded), at least one; ``None`` (PyTorch's
+    default, every core) when less than one core's worth is busy."""
     busy = int(load + 0.5)
     if busy < 1:
         return None
@@ -63,9 +99,8 @@ _OWN_THREADS = "COLAD_BOOK_SET_THREADS"
 def _share_the_cpu(docname: str) -> None:
     if os.environ.get("OMP_NUM_THREADS") and not os.environ.get(_OWN_THREADS):
         return  # the reader's choice
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on this platform
+    load = busy_cores()
+    if load is None:
         return
     threads = threads_for(load, os.cpu_count() or 1)
     if threads is None:
@@ -85,7 +120,7 @@ def _share_the_cpu(docname: str) -> None:
 def _enter_chapter(app, docname: str, source: list[str]) -> None:
     # read before the chapter is parsed and executed: its kernel inherits the variables
     os.environ["COLAD_CHAPTER"] = f"{docname}@{time.time_ns()}"
-    if "{code-cell}" in "".join(source):  # a page that executes
+    if "{code-cell}" in "".join(source) and docname not in _EXECUTED:  # a page that executes
         _share_the_cpu(docname)
 
 
@@ -103,10 +138,184 @@ def _status_last(app, env, docnames: list[str]) -> None:
         docnames.append(STATUS_PAGE)
 
 
+# ----------------------------------------------------------------------------------------------
+# Executing chapters several at a time
+
+#: Environment variable: how many chapters execute at once (an integer, at least 1).
+JOBS = "COLAD_BOOK_JOBS"
+#: At most this many chapters at once by default (each holds a kernel, its data and its runs).
+MAX_JOBS = 4
+
+
+def jobs_for(profile: str | None, cores: int, load: float, setting: str | None = None) -> int:
+    """How many chapters execute at once: ``setting`` (``$COLAD_BOOK_JOBS``) when given; one in
+    the ``full`` profile (chapters may train on the GPU); else the cores that ``load``
+    (:func:`busy_cores`) leaves free, between 1 and :data:`MAX_JOBS`."""
+    if setting is not None and setting.strip():
+        try:
+            jobs = int(setting)
+        except ValueError:
+            jobs = 0
+        if jobs < 1:
+            raise ValueError(f"{JOBS}={setting!r}: give a whole number of chapters, at least 1")
+        return jobs
+    if (profile or "").strip() == "full":
+        return 1
+    return max(1, min(cores - int(load + 0.5), MAX_JOBS))
+
+
+class _Messages:
+    """Collects what myst-nb logs while a chapter executes in a worker, for the main log."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def _keep(self, level: str, msg, *args, **kwargs) -> None:
+        self.lines.append((level, str(msg) % args if args else str(msg)))
+
+    def debug(self, msg, *args, **kwargs) -> None:
+        pass
+
+    def info(self, msg, *args, **kwargs) -> None:
+        self._keep("info", msg, *args)
+
+    def warning(self, msg, *args, **kwargs) -> None:
+        self._keep("warning", msg, *args)
+
+    def error(self, msg, *args, **kwargs) -> None:
+        self._keep("error", msg, *args)
+
+
+#: What the forked workers need from the build (set before the pool starts; fork copies it).
+_BUILD: dict = {}
+#: The chapters executed ahead in this build: Sphinx's read finds them in the cache.
+_EXECUTED: set[str] = set()
+
+
+def _execute_chapter(docname: str) -> tuple[str, bool, float, list[tuple[str, str]]]:
+    """Execute one chapter in a worker process and store it in myst-nb's execution cache.
+
+    Returns ``(docname, succeeded, seconds, messages)``."""
+    from myst_nb.core.execute.cache import NotebookClientCache
+    from myst_nb.core.read import create_nb_reader
+
+    path, text = _BUILD["sources"][docname]
+    os.environ["COLAD_CHAPTER"] = f"{docname}@{time.time_ns()}"
+    if _BUILD["threads"] is not None:
+        os.environ["OMP_NUM_THREADS"] = str(_BUILD["threads"])
+        os.environ[_OWN_THREADS] = "1"
+    messages = _Messages()
+    start = time.perf_counter()
+    reader = create_nb_reader(path, _BUILD["md_config"], _BUILD["nb_config"], text)
+    client = NotebookClientCache(
+        reader.read(text), Path(path), _BUILD["nb_config"], messages, read_fmt=reader.read_fmt
+    )
+    try:
+        client.start_client()
+        succeeded = bool(client.exec_metadata and client.exec_metadata["succeeded"])
+    except Exception as error:  # noqa: BLE001 -- reported in the main process
+        cause = error.__cause__  # myst-nb's ExecutionError names the file; its cause, the cell
+        messages.error(f"{type(error).__name__}: {error}" + (f"\n{cause}" if cause else ""))
+        succeeded = False
+    return docname, succeeded, time.perf_counter() - start, messages.lines
+
+
+def _notebooks_to_execute(app, env, docnames: list[str]) -> dict[str, tuple[str, str]]:
+    """The chapters among ``docnames`` that the execution cache does not hold, as
+    ``docname -> (path, text)``. Chapters with their own myst-nb settings, and the status page
+    (it reads what the others recorded), are left to Sphinx's read."""
+    from jupyter_cache import get_cache
+    from myst_nb.core.read import create_nb_reader
+
+    nb_config = env.mystnb_config
+    if nb_config.execution_mode != "cache" or nb_config.kernel_rgx_aliases:
+        return {}
+    cache = get_cache(nb_config.execution_cache_path or ".jupyter_cache")
+    found = {}
+    for docname in docnames:
+        if docname == STATUS_PAGE:
+            continue
+        path = str(env.doc2path(docname))
+        text = Path(path).read_text(encoding="utf8")
+        reader = create_nb_reader(path, env.myst_config, nb_config, text)
+        if reader is None:  # plain Markdown
+            continue
+        notebook = reader.read(text)
+        if nb_config.metadata_key in notebook.metadata:
+            continue
+        if not any(cell.cell_type == "code" for cell in notebook.cells):
+            continue
+        try:
+            cache.match_cache_notebook(notebook)
+        except KeyError:
+            found[docname] = (path, text)
+    return found
+
+
+def _previous_seconds(nb_config) -> dict[str, float]:
+    """How long each notebook's last cached execution took, by path (for scheduling)."""
+    from jupyter_cache import get_cache
+
+    cache = get_cache(nb_config.execution_cache_path or ".jupyter_cache")
+    return {str(r.uri): float(r.data.get("execution_seconds") or 0.0)
+            for r in cache.list_cache_records()}  # fmt: skip
+
+
+def _execute_ahead(app, env, docnames: list[str]) -> None:
+    from sphinx.errors import ExtensionError
+    from sphinx.util import logging
+
+    log = logging.getLogger(__name__)
+    if sys.platform == "win32" or "fork" not in multiprocessing.get_all_start_methods():
+        return  # chapters execute one by one as Sphinx reads them
+    load = busy_cores() or 0.0
+    cores = os.cpu_count() or 1
+    jobs = jobs_for(os.environ.get("COLAD_PROFILE"), cores, load, os.environ.get(JOBS))
+    if jobs < 2:
+        return
+    sources = _notebooks_to_execute(app, env, docnames)
+    if len(sources) < 2:
+        return
+    jobs = min(jobs, len(sources))
+    reader_threads = os.environ.get("OMP_NUM_THREADS") and not os.environ.get(_OWN_THREADS)
+    threads = None if reader_threads else max(1, (cores - int(load + 0.5)) // jobs)
+    before = _previous_seconds(env.mystnb_config)
+    # the longest first, so that the workers finish together: by the last execution, and a
+    # chapter never executed before counts as long, the longer its source the longer
+    order = sorted(sources, key=lambda d: (-before.get(sources[d][0], math.inf),
+                                           -len(sources[d][1])))  # fmt: skip
+    _BUILD.update(sources=sources, md_config=env.myst_config, nb_config=env.mystnb_config,
+                  threads=threads)  # fmt: skip
+    log.info(f"colad: executing {len(order)} chapters, {jobs} at a time "
+             f"({threads or 'default'} thread(s) each): {', '.join(order)}")  # fmt: skip
+    failed = []
+    start = time.perf_counter()
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = [pool.submit(_execute_chapter, docname) for docname in order]
+        for future in as_completed(futures):
+            docname, succeeded, seconds, lines = future.result()
+            for level, line in lines:
+                if level != "info" or not succeeded:
+                    getattr(log, "warning" if level != "info" else "info")(
+                        f"colad: {docname}: {line}"
+                    )
+            log.info(f"colad: {docname} {'executed' if succeeded else 'FAILED'} in {seconds:.1f} s")
+            if succeeded:
+                _EXECUTED.add(docname)
+            else:
+                failed.append(docname)
+    _BUILD.clear()
+    log.info(f"colad: {len(order)} chapters executed in {time.perf_counter() - start:.1f} s")
+    if failed and env.mystnb_config.execution_raise_on_error:
+        raise ExtensionError(f"executing failed: {', '.join(sorted(failed))} (see above)")
+
+
 def setup(app):
     app.connect("config-inited", _set_timeout)
     app.connect("builder-inited", _start_run_log)
     app.connect("source-read", _enter_chapter)
     app.connect("env-get-outdated", _status_is_outdated)
     app.connect("env-before-read-docs", _status_last)
+    app.connect("env-before-read-docs", _execute_ahead)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
