@@ -163,7 +163,7 @@ def test_every_head_variant_trains_and_detects(head, iou_branch):
         assert set(losses) == {"loss_cls", "loss_bbox"} | (
             set() if iou_branch == "none" else {"loss_iou"}
         )
-        assert all(math.isfinite(float(v)) for v in losses.values()), losses
+        assert all(math.isfinite(float(v.detach())) for v in losses.values()), losses
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
@@ -184,8 +184,8 @@ def test_a_trained_but_unused_iou_branch_changes_scoring_and_nothing_else(head):
     assert all(torch.equal(v, unused.state_dict()[k]) for k, v in used.state_dict().items())
     images, targets = batch()
     losses_used, losses_unused = used.train()(images, targets), unused.train()(images, targets)
-    assert {k: float(v) for k, v in losses_used.items()} == {
-        k: float(v) for k, v in losses_unused.items()
+    assert {k: float(v.detach()) for k, v in losses_used.items()} == {
+        k: float(v.detach()) for k, v in losses_unused.items()
     }
     with torch.no_grad():
         p_used, p_unused = used.eval().predict(images), unused.eval().predict(images)
@@ -216,10 +216,10 @@ def test_soft_labels_refuse_fused_heads_and_colad_takes_a_cop_network():
         distill.build_trainee(cop_student, teacher)
     images, targets = batch()
     lad = distill.TeacherStudent(variant("iop", "infer"), variant("cop", "none", 1), "lad", kd)
-    assert all(math.isfinite(float(v)) for v in lad.train()(images, targets).values())
+    assert all(math.isfinite(float(v.detach())) for v in lad.train()(images, targets).values())
     pair = distill.CoLADPair(variant("paa", "infer"), variant("cop", "infer", seed=1))
     out = pair.train()(images, targets)
-    assert all(math.isfinite(float(v)) for k, v in out.items() if k.startswith("loss_"))
+    assert all(math.isfinite(float(v.detach())) for k, v in out.items() if k.startswith("loss_"))
     colad_cop = config.experiment("colad-cop", "full")
     assert colad_cop.distill.network2.head == "cop"
     assert colad_cop.distill.network2.backbone == "resnet101"
