@@ -343,9 +343,9 @@ def experiment_of(arguments: str) -> Experiment:
     profile, resolved by the command line's own parser."""
     import shlex
 
-    from colad.__main__ import _train_experiment, build_parser
+    from colad.cli import build_parser, train_experiment
 
     words = shlex.split(arguments)
     if words[:1] != ["train"]:
         raise ValueError(f"{arguments!r}: not a train command")
-    return _train_experiment(build_parser().parse_args([*words, "--profile", "full"]))
+    return train_experiment(build_parser().parse_args([*words, "--profile", "full"]))
