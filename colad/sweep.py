@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from colad import config, engine, status
+from colad import config, data, engine, status
 from colad.config import Experiment
 
 __all__ = [
@@ -283,6 +283,11 @@ def _sweep_parallel(runs, paths, cached, jobs, finished) -> None:
         else:
             needed = name in teachers or path in twins
             (first if needed else then).append((name, seed, experiment, path))
+    # the data first, here: workers that each wrote a missing benchmark at once would replace
+    # it under each other's feet
+    for data_config in {e.data for _, _, e, _ in first + then}:
+        for split in ("train", "val"):
+            data.dataset_paths(data_config, split)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:

@@ -190,6 +190,20 @@ def test_how_many_chapters_execute_at_once(monkeypatch):
     assert 0 <= colad_book.busy_cores(0.05) <= os.cpu_count()
 
 
+def test_the_benchmark_is_written_before_chapters_execute_together(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BOOK / "_ext"))
+    import colad_book
+    from sphinx.errors import ExtensionError
+
+    monkeypatch.setenv("COLAD_DATA", str(tmp_path))
+    colad_book._prepare_data("full")  # COCO or your own files: nothing to write
+    assert not (tmp_path / "synth").exists()
+    colad_book._prepare_data("smoke")
+    assert list(tmp_path.glob("synth/shapes-smoke-*/COMPLETE"))
+    with pytest.raises(ExtensionError, match="could not write the fast benchmark"):
+        colad_book._prepare_data("fast")
+
+
 _MINI_CHAPTER = """---
 jupytext:
   text_representation:

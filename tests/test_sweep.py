@@ -182,3 +182,25 @@ def test_cached_warns_when_the_root_cannot_be_written(tmp_path, monkeypatch):
     monkeypatch.setenv("COLAD_DATA", str(blocker))  # cache/ cannot be made under a file
     with pytest.warns(UserWarning, match="not cached"):
         assert sweep.cached("demo", ["x"], lambda: 7) == 7
+
+
+def test_a_parallel_sweep_writes_the_benchmark_before_its_workers_start(tmp_path, monkeypatch):
+    # workers that each found the benchmark missing would write it at once, one replacing the
+    # folder the other reads: the sweep writes it before the pool starts
+    monkeypatch.setenv("COLAD_DATA", str(tmp_path))
+    written = []
+
+    class Pool:
+        def __init__(self, *args, **kwargs):
+            written.append(any(tmp_path.glob("synth/*/COMPLETE")))
+
+        def __enter__(self):
+            raise RuntimeError("no workers in this test")
+
+        def __exit__(self, *args):
+            return False
+
+    monkeypatch.setattr(sweep, "ProcessPoolExecutor", Pool)
+    with pytest.raises(RuntimeError, match="no workers"):
+        sweep.sweep(["paa"], (0,), profile="smoke", jobs=2, log=None)
+    assert written == [True]

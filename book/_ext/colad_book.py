@@ -23,6 +23,7 @@ PyTorch, reading runs, tidecv), so two chapters at once on two cores take about 
 Each is executed exactly as myst-nb would and stored in its execution cache, where Sphinx's read
 then finds it. ``$COLAD_BOOK_JOBS`` sets how many at once; by default, the cores the load leaves
 free (at most four), and one in the ``full`` profile, where chapters may train on the one GPU.
+The workers are forked processes, so this happens on Linux; elsewhere chapters execute one by one.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -261,13 +263,31 @@ def _previous_seconds(nb_config) -> dict[str, float]:
             for r in cache.list_cache_records()}  # fmt: skip
 
 
+def _prepare_data(profile: str | None) -> None:
+    """Write the profile's generated benchmark (if missing) before chapters execute together:
+    two chapters that each found it missing would write it at once, and one replaces the
+    folder the other is reading. Nothing to write in ``full`` (COCO, or your own files)."""
+    from sphinx.errors import ExtensionError
+
+    profile = (profile or "quick").strip() or "quick"
+    if profile == "full":
+        return
+    command = [sys.executable, "-m", "colad", "data", "synth", "--profile", profile]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ExtensionError(
+            f"colad: could not write the {profile} benchmark ({' '.join(command[1:])}):\n"
+            + (proc.stderr or proc.stdout)[-3000:]
+        )
+
+
 def _execute_ahead(app, env, docnames: list[str]) -> None:
     from sphinx.errors import ExtensionError
     from sphinx.util import logging
 
     log = logging.getLogger(__name__)
-    if sys.platform == "win32" or "fork" not in multiprocessing.get_all_start_methods():
-        return  # chapters execute one by one as Sphinx reads them
+    if not sys.platform.startswith("linux"):
+        return  # workers are forked, which only Linux does safely; one by one as Sphinx reads
     load = busy_cores() or 0.0
     cores = os.cpu_count() or 1
     jobs = jobs_for(os.environ.get("COLAD_PROFILE"), cores, load, os.environ.get(JOBS))
@@ -277,6 +297,7 @@ def _execute_ahead(app, env, docnames: list[str]) -> None:
     if len(sources) < 2:
         return
     jobs = min(jobs, len(sources))
+    _prepare_data(os.environ.get("COLAD_PROFILE"))
     reader_threads = os.environ.get("OMP_NUM_THREADS") and not os.environ.get(_OWN_THREADS)
     threads = None if reader_threads else max(1, (cores - int(load + 0.5)) // jobs)
     before = _previous_seconds(env.mystnb_config)
