@@ -238,6 +238,7 @@ def test_chapters_execute_together_and_a_failure_fails_the_build(tmp_path):
     )
     (book / "_toc.yml").write_text(
         "format: jb-book\nroot: intro\nchapters:\n- file: one\n- file: two\n- file: three\n"
+        "- file: solo\n"
     )
     (book / "intro.md").write_text("# Intro\n\nNo code here.\n")
     for name in ("one", "two"):
@@ -245,6 +246,10 @@ def test_chapters_execute_together_and_a_failure_fails_the_build(tmp_path):
     (book / "three.md").write_text(
         _MINI_CHAPTER.format(title="three", extra='raise RuntimeError("chapter three broke")')
     )
+    alone = _MINI_CHAPTER.format(title="solo", extra="").replace(
+        "kernelspec:", "colad:\n  execute: alone\nkernelspec:"
+    )
+    (book / "solo.md").write_text(alone)  # it times code: by itself, after the others
     env = {**os.environ, "COLAD_PROFILE": "smoke", "COLAD_BOOK_JOBS": "2",
            "COLAD_DATA": str(tmp_path / "data")}  # fmt: skip
     env.pop("OMP_NUM_THREADS", None)
@@ -256,7 +261,8 @@ def test_chapters_execute_together_and_a_failure_fails_the_build(tmp_path):
 
     returncode, log = build()
     assert returncode != 0, log
-    assert "executing 3 chapters, 2 at a time" in log, log
+    started = next(line for line in log.splitlines() if "colad: executing" in line)
+    assert "executing 3 chapters, 2 at a time" in started and "solo" not in started, log
     assert "three FAILED" in log and "chapter three broke" in log, log
     assert "executing failed: three" in log, log
     assert "one executed" in log and "two executed" in log, log
@@ -268,6 +274,7 @@ def test_chapters_execute_together_and_a_failure_fails_the_build(tmp_path):
     assert "one executed" not in log and "two executed" not in log, log
     html = (book / "_build" / "html" / "one.html").read_text()
     assert "one one 1" in html  # its own chapter name, and one thread of two cores' share
+    assert "solo solo" in (book / "_build" / "html" / "solo.html").read_text()
 
 
 def test_the_chapters_time_limit_follows_the_profile(monkeypatch):

@@ -21,8 +21,10 @@ Chapters that must execute run several at a time, before Sphinx reads them one b
 multi-core CPU most of a chapter's time is single-threaded (starting its kernel, importing
 PyTorch, reading runs, tidecv), so two chapters at once on two cores take about half the time.
 Each is executed exactly as myst-nb would and stored in its execution cache, where Sphinx's read
-then finds it. ``$COLAD_BOOK_JOBS`` sets how many at once; by default, the cores the load leaves
-free (at most four), and one in the ``full`` profile, where chapters may train on the one GPU.
+then finds it. A chapter that times code says ``colad: {execute: alone}`` in its front matter and
+is executed afterwards by itself, so that its timings are not taken beside another chapter.
+``$COLAD_BOOK_JOBS`` sets how many at once; by default, the cores the load leaves free (at most
+four), and one in the ``full`` profile, where chapters may train on the one GPU.
 The workers are forked processes, so this happens on Linux; elsewhere chapters execute one by one.
 """
 
@@ -222,10 +224,16 @@ def _execute_chapter(docname: str) -> tuple[str, bool, float, list[tuple[str, st
     return docname, succeeded, time.perf_counter() - start, messages.lines
 
 
+#: A chapter whose front matter says ``colad: {execute: alone}`` (it times code) executes by
+#: itself, after the chapters that run together, with every core.
+ALONE = "alone"
+
+
 def _notebooks_to_execute(app, env, docnames: list[str]) -> dict[str, tuple[str, str]]:
     """The chapters among ``docnames`` that the execution cache does not hold, as
-    ``docname -> (path, text)``. Chapters with their own myst-nb settings, and the status page
-    (it reads what the others recorded), are left to Sphinx's read."""
+    ``docname -> (path, text)``. Chapters with their own myst-nb settings, chapters marked to
+    execute :data:`ALONE`, and the status page (it reads what the others recorded) are left to
+    Sphinx's read, which executes them one by one afterwards."""
     from jupyter_cache import get_cache
     from myst_nb.core.read import create_nb_reader
 
@@ -245,6 +253,8 @@ def _notebooks_to_execute(app, env, docnames: list[str]) -> dict[str, tuple[str,
         notebook = reader.read(text)
         if nb_config.metadata_key in notebook.metadata:
             continue
+        if notebook.metadata.get("colad", {}).get("execute") == ALONE:
+            continue  # it times code: Sphinx's read executes it after the others, on an idle CPU
         if not any(cell.cell_type == "code" for cell in notebook.cells):
             continue
         try:
