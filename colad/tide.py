@@ -22,7 +22,6 @@ so ground truth and detections are passed in memory.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -304,11 +303,11 @@ def error_examples(verdicts: Verdicts, kinds: Sequence[str] = MAIN_ERRORS) -> di
 
 
 def _file_sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """The SHA-1 of a file's bytes, read once per version of the file (engine's digest)."""
+    from .engine import _file_digest
+
+    stat = path.stat()
+    return _file_digest(str(path), stat.st_mtime_ns, stat.st_size)
 
 
 def _cache_parts(gt, detections, thresholds: tuple[float, float]) -> list:
